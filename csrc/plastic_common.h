@@ -1,0 +1,68 @@
+// What every backend of the plastic op shares: option parsing and the shape checks of
+// the canonical arguments (the Python wrapper has already given the user clear errors;
+// these guard direct calls of torch.ops.plastic_ops.*). Math: docs/op_spec.md.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <string>
+
+namespace plastic_ops {
+
+enum class Rule { Hebb, Oja };
+enum class Act { Tanh, Sigmoid, Relu, Identity, Softmax };
+
+inline Rule parse_rule(const std::string& s) {
+  if (s == "hebb") return Rule::Hebb;
+  if (s == "oja") return Rule::Oja;
+  TORCH_CHECK(false, "plastic_ops: unknown rule '", s, "' (expected 'hebb' or 'oja')");
+}
+
+inline Act parse_activation(const std::string& s) {
+  if (s == "tanh") return Act::Tanh;
+  if (s == "sigmoid") return Act::Sigmoid;
+  if (s == "relu") return Act::Relu;
+  if (s == "identity") return Act::Identity;
+  if (s == "softmax") return Act::Softmax;
+  TORCH_CHECK(false, "plastic_ops: unknown activation '", s, "'");
+}
+
+// Sizes of one call, read from the canonical tensors.
+struct Dims {
+  int64_t T, B, n_in, n_out, K, C;
+};
+
+inline int64_t num_checkpoints(int64_t T, int64_t K) { return K == 0 ? 0 : (T + K - 1) / K; }
+
+// pre: x (T,B,N_in) for the linear form, y0 (B,N) for the recurrent form.
+inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0,
+                            c10::optional<double> clip, int64_t K, bool recurrent) {
+  TORCH_CHECK(drive.dim() == 3, "plastic_ops: drive must be (T, B, N_out)");
+  TORCH_CHECK(w.dim() == 2, "plastic_ops: w must be (N_in, N_out)");
+  Dims d{drive.size(0), drive.size(1), w.size(0), w.size(1), K, num_checkpoints(drive.size(0), K)};
+  TORCH_CHECK(d.T > 0, "plastic_ops: T must be positive");
+  TORCH_CHECK(drive.size(2) == d.n_out, "plastic_ops: drive must be (T, B, N_out)");
+  if (recurrent) {
+    TORCH_CHECK(d.n_in == d.n_out, "plastic_ops: w must be square for the recurrent form");
+    TORCH_CHECK(pre.dim() == 2 && pre.size(0) == d.B && pre.size(1) == d.n_in, "plastic_ops: y0 must be (B, N)");
+  } else {
+    TORCH_CHECK(pre.dim() == 3 && pre.size(0) == d.T && pre.size(1) == d.B && pre.size(2) == d.n_in,
+                "plastic_ops: x must be (T, B, N_in)");
+  }
+  TORCH_CHECK(alpha.dim() == 2 && alpha.size(0) == d.n_in && alpha.size(1) == d.n_out,
+              "plastic_ops: alpha must be expanded to (N_in, N_out)");
+  TORCH_CHECK(e.dim() == 3 && e.size(0) == d.T && e.size(1) == d.B && e.size(2) == d.n_out,
+              "plastic_ops: e must be (T, B, N_out)");
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == d.B && h0.size(1) == d.n_in && h0.size(2) == d.n_out,
+              "plastic_ops: h0 must be (B, N_in, N_out)");
+  TORCH_CHECK(K >= 0, "plastic_ops: checkpoint_every must be >= 0");
+  TORCH_CHECK(!clip.has_value() || *clip > 0, "plastic_ops: clip must be positive");
+  for (const at::Tensor* t : {&pre, &drive, &w, &alpha, &e, &h0}) {
+    TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
+    TORCH_CHECK(t->scalar_type() == drive.scalar_type(), "plastic_ops: all tensors must share a dtype");
+    TORCH_CHECK(t->device() == drive.device(), "plastic_ops: all tensors must share a device");
+  }
+  return d;
+}
+
+}  // namespace plastic_ops

@@ -1,0 +1,152 @@
+"""The fused plastic op: public functions, fake kernels and autograd.
+
+The C++/CUDA kernels (csrc/) register four ops in the ``plastic_ops`` namespace:
+``plastic_linear_forward``/``_backward`` and ``plastic_rnn_forward``/``_backward``.
+They take canonical shapes only (alpha as (N_in, N_out), the per-step rates
+e = eta * modulation as (T, B, N_out), bias folded into a drive (T, B, N_out));
+the functions here check the user's arguments and build those tensors with
+ordinary autograd-aware ops, so the gradients of alpha, eta, modulation and bias
+are reduced back to their own shapes by autograd. Math: docs/op_spec.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _extension
+from ._validation import PlasticArgs, check_linear, check_rnn
+
+_OPS_LOADED = _extension.load()
+
+
+def default_checkpoint_every(T: int) -> int:
+    """K about sqrt(T): memory of C = ceil(T/K) saved traces plus K recomputed ones is minimal."""
+    return max(1, int(round(math.sqrt(T))))
+
+
+def num_checkpoints(T: int, K: int) -> int:
+    return 0 if K == 0 else -(-T // K)
+
+
+def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
+    alpha = p.alpha.expand(p.n_in, p.n_out).contiguous()
+    if p.modulation is None:
+        e = p.eta.expand(p.T, p.B, p.n_out).contiguous()
+    else:
+        e = (p.eta * p.modulation.expand(p.T, p.B, p.n_out)).contiguous()
+    if recurrent:
+        drive = p.x if p.bias is None else p.x + p.bias
+    else:
+        drive = p.bias.expand(p.T, p.B, p.n_out) if p.bias is not None else p.x.new_zeros(p.T, p.B, p.n_out)
+    drive = drive.contiguous()
+    K = p.checkpoint_every or default_checkpoint_every(p.T)
+    return alpha, e, drive, (K if needs_grad else 0)
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _op(name: str):
+    _extension.require()
+    return getattr(torch.ops.plastic_ops, name)
+
+
+def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
+                   modulation=None, checkpoint_every=None):
+    """Run T plastic steps of a feedforward layer for B independent episodes.
+
+    a_t = x_t @ (w + alpha * H_t) + bias,  y_t = act(a_t),  H_{t+1} = rule(H_t, x_t, y_t, eta * modulation_t).
+
+    Args:
+        x: (T, B, N_in) inputs.
+        w: (N_in, N_out) fixed weights.
+        alpha: plasticity coefficients: 0-dim or (1, 1), (N_in, 1), (1, N_out) or (N_in, N_out).
+        eta: 0-dim tensor (or Python number), the plasticity rate.
+        trace: (B, N_in, N_out) initial Hebbian trace; zeros when None.
+        bias: (N_out,) or None.
+        rule: "hebb" or "oja".
+        activation: "tanh", "sigmoid", "relu", "identity" or "softmax" (over N_out).
+        clip: None or a positive number: the trace is clamped to [-clip, clip] after each update.
+        modulation: None, (T, B, 1) or (T, B, N_out): multiplies eta at each step.
+        checkpoint_every: K, the trace is saved every K steps for the backward (default about sqrt(T)).
+
+    Returns:
+        (y, trace_T): y is (T, B, N_out); trace_T is (B, N_in, N_out), to continue the episode later.
+    """
+    p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
+                     modulation=modulation, checkpoint_every=checkpoint_every)
+    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation)
+    alpha_c, e, drive, K = _canonical(p, False, needs_grad)
+    y, hT, _ = _op("plastic_linear_forward")(p.x.contiguous(), drive, p.w.contiguous(), alpha_c, e,
+                                            p.trace.contiguous(), p.rule, p.activation, p.clip, K)
+    return y, hT
+
+
+def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
+                modulation=None, checkpoint_every=None):
+    """Run T steps of a plastic recurrent layer of N units for B independent episodes.
+
+    a_t = y_{t-1} @ (w + alpha * H_t) + u_t + bias,  y_t = act(a_t),
+    H_{t+1} = rule(H_t, y_{t-1}, y_t, eta * modulation_t),  y_{-1} = y0 (zeros when None).
+
+    Args are those of :func:`plastic_linear` with u: (T, B, N) the external drive, w: (N, N)
+    and y0: (B, N) the output before the first step. Returns (y, trace_T); pass y[-1] as y0
+    and trace_T as trace to continue an episode.
+    """
+    p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
+                  modulation=modulation, checkpoint_every=checkpoint_every)
+    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
+    alpha_c, e, drive, K = _canonical(p, True, needs_grad)
+    y, hT, _ = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
+                                         p.trace.contiguous(), p.rule, p.activation, p.clip, K)
+    return y, hT
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: fake (meta) kernels for torch.compile, and autograd through the backward ops.
+
+def _register():
+    def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K):
+        T, B, n_out = drive.shape
+        C = num_checkpoints(T, K)
+        return (drive.new_empty(T, B, n_out), h0.new_empty(h0.shape),
+                h0.new_empty((C,) + tuple(h0.shape)))
+
+    def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K):
+        return (pre.new_empty(pre.shape), y.new_empty(y.shape), w.new_empty(w.shape),
+                alpha.new_empty(alpha.shape), e.new_empty(e.shape), grad_hT.new_empty(grad_hT.shape))
+
+    for form in ("plastic_linear", "plastic_rnn"):
+        torch.library.register_fake(f"plastic_ops::{form}_forward")(fake_forward)
+        torch.library.register_fake(f"plastic_ops::{form}_backward")(fake_backward)
+
+        def setup_context(ctx, inputs, output, form=form):
+            pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs
+            y, hT, ckpts = output
+            ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
+            ctx.save_for_backward(pre, w, alpha, e, y, ckpts)
+            ctx.meta = (rule, activation, clip, K)
+
+        def backward(ctx, grad_y, grad_hT, grad_ckpts, form=form):
+            if ctx.no_checkpoints:
+                raise RuntimeError("plastic_ops: the forward ran without checkpoints (checkpoint_every=0), "
+                                   "so it cannot be differentiated; call the public function instead")
+            pre, w, alpha, e, y, ckpts = ctx.saved_tensors
+            rule, activation, clip, K = ctx.meta
+            if grad_y is None:
+                grad_y = torch.zeros_like(y)
+            if grad_hT is None:
+                grad_hT = ckpts.new_zeros(ckpts.shape[1:])
+            grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
+                grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K)
+            g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads
+            return g_pre, g_drive, g_w, g_alpha, g_e, g_h0, None, None, None, None
+
+        torch.library.register_autograd(f"plastic_ops::{form}_forward", backward, setup_context=setup_context)
+
+
+if _OPS_LOADED:
+    _register()
