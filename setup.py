@@ -39,7 +39,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     link = ["-fopenmp"]
     if want_cuda():
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -48,7 +48,7 @@ def extension():
         return CUDAExtension(
             "plastic_ops._C", sources,
             define_macros=[("PLASTIC_OPS_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=link)
     return CppExtension("plastic_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 

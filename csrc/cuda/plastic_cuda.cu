@@ -1,0 +1,652 @@
+// CUDA kernels of the plastic op: forward with checkpoints, and BPTT recomputed from them.
+// Math and argument meanings: docs/op_spec.md. Thread mapping, launches and determinism:
+// docs/cuda.md. Schema: ../plastic_op.cpp.
+//
+// Layouts (all contiguous): H, G, checkpoints (.., B, N_in, N_out); p, x, y0 (.., B, N_in);
+// y, e, drive (T, B, N_out); w, alpha (N_in, N_out). j (N_out) is always the fastest index,
+// so a warp of consecutive j reads 32 consecutive trace elements.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include <math.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+#include "../plastic_common.h"
+
+namespace plastic_ops {
+namespace {
+
+constexpr int kThreadsJ = 128;    // threads per block along j in the trace sweeps (a multiple of 32)
+constexpr int kThreadsRow = 256;  // threads per block of the per-row kernels (a multiple of 32)
+constexpr int kMinRowsPerSplit = 32;  // fewest i rows one block of a split sweep walks
+constexpr int64_t kMaxGridYZ = 65535;
+
+// ------------------------------------------------------------------------------------------
+// Device helpers.
+
+__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
+__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
+__device__ __forceinline__ float dev_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double dev_tanh(double v) { return tanh(v); }
+
+// Hpre_{t+1} from H_t (docs/op_spec.md, Forward). The forward, its final update and the
+// backward's recomputation all use this one function, so the recomputed traces (and the clamp
+// masks) are those of the forward.
+template <bool OJA, typename scalar_t>
+__device__ __forceinline__ scalar_t rule_update(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
+  if (OJA) return h + e * y * (p - h * y);
+  return (scalar_t(1) - e) * h + e * p * y;
+}
+
+// clamp to [-c, c]; NaN stays NaN, as with torch.clamp.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t clamp_trace(scalar_t h, scalar_t c) {
+  return h < -c ? -c : (h > c ? c : h);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t warp_max(scalar_t v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const scalar_t u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = u > v ? u : v;
+  }
+  return v;
+}
+
+// Sum (MAX = false) or max over the whole block, returned to every thread. shm holds 32
+// values; the leading barrier lets a block call this several times in a row.
+template <bool MAX, typename scalar_t>
+__device__ scalar_t block_all_reduce(scalar_t v, scalar_t* shm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  scalar_t r = shm[0];
+  for (int k = 1; k < n_warps; ++k) r = MAX ? (shm[k] > r ? shm[k] : r) : r + shm[k];
+  return r;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t act_elementwise(scalar_t a, int act) {
+  switch (static_cast<Act>(act)) {
+    case Act::Tanh: return dev_tanh(a);
+    case Act::Sigmoid: return scalar_t(1) / (scalar_t(1) + dev_exp(-a));
+    case Act::Relu: return a > scalar_t(0) ? a : scalar_t(0);
+    default: return a;  // identity (softmax is handled per row)
+  }
+}
+
+// act'(g) expressed with y = act(a), for the elementwise activations.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t act_backward_elementwise(scalar_t g, scalar_t y, int act) {
+  switch (static_cast<Act>(act)) {
+    case Act::Tanh: return g * (scalar_t(1) - y * y);
+    case Act::Sigmoid: return g * y * (scalar_t(1) - y);
+    case Act::Relu: return y > scalar_t(0) ? g : scalar_t(0);
+    default: return g;  // identity
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward.
+
+// The fused sweep of step t. Thread (b, j) walks i in [z*chunk, z*chunk + chunk): it reads
+// H_{t-1}[b,i,j] (from src), applies the update of step t-1 (UPDATE; at t = 0 src is H_0 and
+// nothing is applied), clamps, writes H_t to dst (and to the checkpoint when there is one), and
+// accumulates p_t[b,i] * (w[i,j] + alpha[i,j] * H_t[b,i,j]). Its partial sum of a_t goes to
+// part[z, b, j]; the activation kernel adds the splits in a fixed order (no atomics).
+template <typename scalar_t, bool OJA, bool UPDATE>
+__global__ void forward_sweep_kernel(const scalar_t* src, scalar_t* dst, scalar_t* ckpt,
+                                     const scalar_t* __restrict__ p_prev, const scalar_t* __restrict__ y_prev,
+                                     const scalar_t* __restrict__ e_prev, const scalar_t* __restrict__ p_cur,
+                                     const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha,
+                                     scalar_t* __restrict__ part, int64_t B, int64_t n_in, int64_t n_out,
+                                     int64_t chunk, bool has_clip, scalar_t clip) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n_out) return;  // no block-wide cooperation below
+  const int64_t b = blockIdx.y, z = blockIdx.z;
+  const int64_t i0 = z * chunk;
+  const int64_t i1 = (i0 + chunk < n_in) ? i0 + chunk : n_in;
+  scalar_t yv = 0, ev = 0;
+  const scalar_t* pp = nullptr;
+  if (UPDATE) {
+    yv = y_prev[b * n_out + j];
+    ev = e_prev[b * n_out + j];
+    pp = p_prev + b * n_in;
+  }
+  const scalar_t* pc = p_cur + b * n_in;
+  const int64_t base = b * n_in * n_out + j;
+  scalar_t acc = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t o = base + i * n_out;
+    scalar_t h = src[o];
+    if (UPDATE) {
+      h = rule_update<OJA>(h, pp[i], yv, ev);
+      if (has_clip) h = clamp_trace(h, clip);
+    }
+    dst[o] = h;
+    if (ckpt != nullptr) ckpt[o] = h;
+    const int64_t wo = i * n_out + j;
+    acc += pc[i] * (w[wo] + alpha[wo] * h);
+  }
+  part[(z * B + b) * n_out + j] = acc;
+}
+
+// y_t[b, :] = act(drive_t[b, :] + sum_z part[z, b, :]). One block per row b.
+template <typename scalar_t>
+__global__ void activation_forward_kernel(const scalar_t* __restrict__ part, int64_t n_split,
+                                          const scalar_t* __restrict__ drive_t, scalar_t* __restrict__ y_t,
+                                          int64_t B, int64_t n_out, int act) {
+  __shared__ scalar_t shm[32];
+  const int64_t b = blockIdx.x;
+  const scalar_t* d = drive_t + b * n_out;
+  scalar_t* yr = y_t + b * n_out;
+  const bool softmax = static_cast<Act>(act) == Act::Softmax;
+  scalar_t mx = static_cast<scalar_t>(-INFINITY);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    scalar_t a = d[j];
+    for (int64_t z = 0; z < n_split; ++z) a += part[(z * B + b) * n_out + j];
+    if (softmax) {
+      yr[j] = a;  // kept here until the row's max and sum are known
+      mx = a > mx ? a : mx;
+    } else {
+      yr[j] = act_elementwise(a, act);
+    }
+  }
+  if (!softmax) return;  // uniform over the block
+  mx = block_all_reduce<true>(mx, shm);
+  scalar_t sum = 0;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const scalar_t ex = dev_exp(yr[j] - mx);
+    yr[j] = ex;
+    sum += ex;
+  }
+  sum = block_all_reduce<false>(sum, shm);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) yr[j] = yr[j] / sum;
+}
+
+// dst = clamp(update(src)) for one step, elementwise: the forward's update after its last step
+// and the backward's recomputation of a segment. Thread j of row r = b * N_in + i.
+template <typename scalar_t, bool OJA>
+__global__ void update_kernel(const scalar_t* src, scalar_t* dst, const scalar_t* __restrict__ p,
+                              const scalar_t* __restrict__ y, const scalar_t* __restrict__ e, int64_t B,
+                              int64_t n_in, int64_t n_out, bool has_clip, scalar_t clip) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n_out) return;
+  const int64_t rows = B * n_in;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t b = r / n_in;
+    const int64_t o = r * n_out + j;
+    scalar_t h = rule_update<OJA>(src[o], p[r], y[b * n_out + j], e[b * n_out + j]);
+    if (has_clip) h = clamp_trace(h, clip);
+    dst[o] = h;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward.
+
+// Sweep A of step t (steps 1-2 of the spec): through the clamp and the update. Thread (b, j)
+// walks i in its split of [0, N_in): it reads H_t and G = dL/dH_{t+1}, writes G back as the
+// partial dL/dH_t (Gp times dHpre/dh), sums dL/de_t[b,j] and the update's dL/dy_t[b,j] into
+// de_part/dy_part[z, b, j], and, per i, sums Gp * e * y over the warp's 32 j: lane 0 stores it
+// in dp_part[b, j / 32, i] (each slot written by exactly one warp, no atomics).
+template <typename scalar_t, bool OJA>
+__global__ void backward_sweep_a_kernel(const scalar_t* __restrict__ H, scalar_t* __restrict__ G,
+                                        const scalar_t* __restrict__ p, const scalar_t* __restrict__ y,
+                                        const scalar_t* __restrict__ e, scalar_t* __restrict__ de_part,
+                                        scalar_t* __restrict__ dy_part, scalar_t* __restrict__ dp_part, int64_t B,
+                                        int64_t n_in, int64_t n_out, int64_t n_warps_j, int64_t chunk,
+                                        bool has_clip, scalar_t clip) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool valid = j < n_out;  // threads past N_out stay for the warp sums
+  const int64_t jw = j >> 5;
+  const bool writes_dp = (threadIdx.x & 31) == 0 && jw < n_warps_j;
+  const int64_t b = blockIdx.y, z = blockIdx.z;
+  const int64_t i0 = z * chunk;
+  const int64_t i1 = (i0 + chunk < n_in) ? i0 + chunk : n_in;
+  const scalar_t yv = valid ? y[b * n_out + j] : scalar_t(0);
+  const scalar_t ev = valid ? e[b * n_out + j] : scalar_t(0);
+  const scalar_t ey = ev * yv;
+  const scalar_t keep = OJA ? scalar_t(1) - ev * yv * yv : scalar_t(1) - ev;  // dHpre/dh
+  const scalar_t* pb = p + b * n_in;
+  const int64_t base = b * n_in * n_out + j;
+  scalar_t* dp_row = dp_part + (b * n_warps_j + jw) * n_in;
+  scalar_t de = 0, dy = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const scalar_t pv = pb[i];
+    scalar_t contrib = 0;
+    if (valid) {
+      const int64_t o = base + i * n_out;
+      const scalar_t h = H[o];
+      scalar_t g = G[o];
+      if (has_clip) {
+        const scalar_t hp = rule_update<OJA>(h, pv, yv, ev);
+        if (!(hp >= -clip && hp <= clip)) g = scalar_t(0);
+      }
+      if (OJA) {
+        de += g * yv * (pv - h * yv);
+        dy += g * ev * (pv - scalar_t(2) * h * yv);
+      } else {
+        de += g * (pv * yv - h);
+        dy += g * ev * pv;
+      }
+      G[o] = g * keep;
+      contrib = g * ey;
+    }
+    contrib = warp_sum(contrib);
+    if (writes_dp) dp_row[i] = contrib;
+  }
+  if (valid) {
+    de_part[(z * B + b) * n_out + j] = de;
+    dy_part[(z * B + b) * n_out + j] = dy;
+  }
+}
+
+// Step 3, one block per row b: the total dL/dy_t = grad_y_t + (recurrent: dL/dp_{t+1}, in
+// carry) + the update's part; dL/de_t; ga_t = act'(dL/dy_t), which is also dL/d(drive_t).
+template <typename scalar_t>
+__global__ void activation_backward_kernel(const scalar_t* __restrict__ dy_part,
+                                           const scalar_t* __restrict__ de_part, int64_t n_split,
+                                           const scalar_t* __restrict__ grad_y_t, const scalar_t* __restrict__ carry,
+                                           const scalar_t* __restrict__ y_t, scalar_t* __restrict__ ga_t,
+                                           scalar_t* __restrict__ ge_t, int64_t B, int64_t n_out, int act) {
+  __shared__ scalar_t shm[32];
+  const int64_t b = blockIdx.x;
+  const bool softmax = static_cast<Act>(act) == Act::Softmax;
+  scalar_t dot = 0;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const int64_t r = b * n_out + j;
+    scalar_t g = grad_y_t[r];
+    if (carry != nullptr) g += carry[r];
+    scalar_t de = 0;
+    for (int64_t z = 0; z < n_split; ++z) {
+      g += dy_part[z * B * n_out + r];
+      de += de_part[z * B * n_out + r];
+    }
+    ge_t[r] = de;
+    const scalar_t yv = y_t[r];
+    if (softmax) {
+      ga_t[r] = g;  // finished below, once sum_k g_k y_k is known
+      dot += g * yv;
+    } else {
+      ga_t[r] = act_backward_elementwise(g, yv, act);
+    }
+  }
+  if (!softmax) return;  // uniform over the block
+  dot = block_all_reduce<false>(dot, shm);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const int64_t r = b * n_out + j;
+    ga_t[r] = y_t[r] * (ga_t[r] - dot);
+  }
+}
+
+// Sweep B of step t (step 4 of the spec): through a_t. Thread (i, j) for i in its block's rows
+// walks all b: G[b,i,j] += alpha * p * ga; dalpha[i,j] += sum_b p * ga * H_t (this thread owns
+// (i, j), so a plain read-modify-write); per (b, i) the warp sums ga * (w + alpha * H_t) over
+// its 32 j and lane 0 adds it to dp_part[b, j / 32, i] (the slot sweep A wrote; one owner).
+template <typename scalar_t>
+__global__ void backward_sweep_b_kernel(const scalar_t* __restrict__ H, scalar_t* __restrict__ G,
+                                        const scalar_t* __restrict__ p, const scalar_t* __restrict__ ga,
+                                        const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha,
+                                        scalar_t* __restrict__ dalpha, scalar_t* __restrict__ dp_part, int64_t B,
+                                        int64_t n_in, int64_t n_out, int64_t n_warps_j, int64_t rows_per_block) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool valid = j < n_out;
+  const int64_t jw = j >> 5;
+  const bool writes_dp = (threadIdx.x & 31) == 0 && jw < n_warps_j;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t i1 = (i0 + rows_per_block < n_in) ? i0 + rows_per_block : n_in;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t wo = i * n_out + j;
+    const scalar_t wv = valid ? w[wo] : scalar_t(0);
+    const scalar_t av = valid ? alpha[wo] : scalar_t(0);
+    scalar_t da = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t pv = p[b * n_in + i];
+      scalar_t contrib = 0;
+      if (valid) {
+        const int64_t o = (b * n_in + i) * n_out + j;
+        const scalar_t h = H[o];
+        const scalar_t gav = ga[b * n_out + j];
+        G[o] += av * pv * gav;
+        da += pv * gav * h;
+        contrib = gav * (wv + av * h);
+      }
+      contrib = warp_sum(contrib);
+      if (writes_dp) dp_part[(b * n_warps_j + jw) * n_in + i] += contrib;
+    }
+    if (valid) dalpha[wo] += da;
+  }
+}
+
+// dL/dp_t[b, i] = sum over the warp slots of dp_part[b, :, i], in a fixed order.
+template <typename scalar_t>
+__global__ void dp_reduce_kernel(const scalar_t* __restrict__ dp_part, scalar_t* __restrict__ out, int64_t B,
+                                 int64_t n_in, int64_t n_warps_j) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= B * n_in) return;
+  const int64_t b = r / n_in, i = r - b * n_in;
+  const scalar_t* src = dp_part + b * n_warps_j * n_in + i;
+  scalar_t s = 0;
+  for (int64_t k = 0; k < n_warps_j; ++k) s += src[k * n_in];
+  out[r] = s;
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splits of the i range for the (b, j)-thread sweeps, so that small batches still fill the GPU:
+// aim at about 16 blocks of kThreadsJ threads per SM, each walking at least kMinRowsPerSplit
+// rows. Returns {n_split, chunk}; every split has at least one row when N_in > 0.
+std::pair<int64_t, int64_t> split_rows(int64_t B, int64_t n_in, int64_t n_out) {
+  if (n_in == 0) return {1, 1};
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks_xy = ceil_div(n_out, kThreadsJ) * B;
+  int64_t n_split = ceil_div(16 * sms, blocks_xy);
+  n_split = std::max<int64_t>(1, std::min<int64_t>({n_split, ceil_div(n_in, kMinRowsPerSplit), kMaxGridYZ}));
+  const int64_t chunk = ceil_div(n_in, n_split);
+  return {ceil_div(n_in, chunk), chunk};
+}
+
+template <typename scalar_t>
+void launch_update(bool oja, const scalar_t* src, scalar_t* dst, const scalar_t* p, const scalar_t* y,
+                   const scalar_t* e, const Dims& d, bool has_clip, scalar_t clip, cudaStream_t stream) {
+  const int64_t rows = d.B * d.n_in;
+  if (rows == 0 || d.n_out == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)),
+                  static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridYZ)));
+  if (oja) {
+    update_kernel<scalar_t, true><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
+                                                                  has_clip, clip);
+  } else {
+    update_kernel<scalar_t, false><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
+                                                                   has_clip, clip);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// p_t as a (B, N_in) row block: x_t (linear) or y_{t-1} with y_{-1} = y0 (recurrent).
+template <typename scalar_t>
+struct PreRows {
+  const scalar_t* pre;  // x (T, B, N_in) or y0 (B, N)
+  const scalar_t* y;    // y (T, B, N_out)
+  bool recurrent;
+  int64_t B, n_in, n_out;
+  const scalar_t* at(int64_t t) const {
+    if (!recurrent) return pre + t * B * n_in;
+    return t == 0 ? pre : y + (t - 1) * B * n_out;
+  }
+};
+
+template <typename scalar_t>
+void forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                  const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Rule rule, Act act,
+                  c10::optional<double> clip, const Dims& d, at::Tensor& y, at::Tensor& hT, at::Tensor& ckpts) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool oja = rule == Rule::Oja;
+  const bool has_clip = clip.has_value();
+  const scalar_t c = has_clip ? static_cast<scalar_t>(*clip) : scalar_t(0);
+  const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out;
+  const auto split = split_rows(d.B, d.n_in, d.n_out);
+  const int64_t n_split = split.first, chunk = split.second;
+  at::Tensor part = at::empty({n_split, d.B, d.n_out}, drive.options());
+
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  scalar_t* hp = hT.data_ptr<scalar_t>();
+  scalar_t* cp = d.K > 0 ? ckpts.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* h0p = h0.data_ptr<scalar_t>();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* ap = alpha.data_ptr<scalar_t>();
+  const scalar_t* ep = e.data_ptr<scalar_t>();
+  const scalar_t* dp = drive.data_ptr<scalar_t>();
+  scalar_t* partp = part.data_ptr<scalar_t>();
+  const PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
+
+  const dim3 sweep_grid(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)), static_cast<unsigned>(d.B),
+                        static_cast<unsigned>(n_split));
+  for (int64_t t = 0; t < d.T; ++t) {
+    scalar_t* ck = (d.K > 0 && t % d.K == 0) ? cp + (t / d.K) * hs : nullptr;
+    if (t == 0) {
+      if (oja) {
+        forward_sweep_kernel<scalar_t, true, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
+            h0p, hp, ck, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
+      } else {
+        forward_sweep_kernel<scalar_t, false, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
+            h0p, hp, ck, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
+      }
+    } else {
+      const scalar_t* yprev = yp + (t - 1) * bo;
+      const scalar_t* eprev = ep + (t - 1) * bo;
+      if (oja) {
+        forward_sweep_kernel<scalar_t, true, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
+            hp, hp, ck, P.at(t - 1), yprev, eprev, P.at(t), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
+      } else {
+        forward_sweep_kernel<scalar_t, false, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
+            hp, hp, ck, P.at(t - 1), yprev, eprev, P.at(t), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
+      }
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    activation_forward_kernel<scalar_t><<<static_cast<unsigned>(d.B), kThreadsRow, 0, stream>>>(
+        partp, n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // H_T: the update of the last step.
+  launch_update<scalar_t>(oja, hp, hp, P.at(d.T - 1), yp + (d.T - 1) * bo, ep + (d.T - 1) * bo, d, has_clip, c,
+                          stream);
+}
+
+template <typename scalar_t>
+void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& w,
+                   const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+                   Rule rule, Act act, c10::optional<double> clip, const Dims& d, at::Tensor& G, at::Tensor& g_pre,
+                   at::Tensor& g_drive, at::Tensor& g_alpha, at::Tensor& g_e) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool oja = rule == Rule::Oja;
+  const bool has_clip = clip.has_value();
+  const scalar_t c = has_clip ? static_cast<scalar_t>(*clip) : scalar_t(0);
+  const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out, bi = d.B * d.n_in;
+  const auto split = split_rows(d.B, d.n_in, d.n_out);
+  const int64_t n_split = split.first, chunk = split.second;
+  const int64_t n_warps_j = ceil_div(d.n_out, 32);
+  int64_t rows_per_block = 4;  // sweep B: i rows per block
+  while (ceil_div(d.n_in, rows_per_block) > kMaxGridYZ) rows_per_block *= 2;
+
+  const auto opts = G.options();
+  at::Tensor de_part = at::empty({n_split, d.B, d.n_out}, opts);
+  at::Tensor dy_part = at::empty({n_split, d.B, d.n_out}, opts);
+  at::Tensor dp_part = at::empty({d.B, n_warps_j, d.n_in}, opts);
+  at::Tensor carry = recurrent ? at::zeros({d.B, d.n_out}, opts) : at::Tensor();
+  const int64_t seg_max = std::min(d.K, d.T);
+  at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, opts);  // H_{cK+1} .. of one segment
+
+  scalar_t* Gp = G.data_ptr<scalar_t>();
+  scalar_t* gpre = g_pre.data_ptr<scalar_t>();
+  scalar_t* gdrive = g_drive.data_ptr<scalar_t>();
+  scalar_t* galpha = g_alpha.data_ptr<scalar_t>();
+  scalar_t* ge = g_e.data_ptr<scalar_t>();
+  scalar_t* dep = de_part.data_ptr<scalar_t>();
+  scalar_t* dyp = dy_part.data_ptr<scalar_t>();
+  scalar_t* dpp = dp_part.data_ptr<scalar_t>();
+  scalar_t* carryp = recurrent ? carry.data_ptr<scalar_t>() : nullptr;
+  scalar_t* segp = seg.data_ptr<scalar_t>();
+  const scalar_t* ckp = ckpts.data_ptr<scalar_t>();
+  const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* ep = e.data_ptr<scalar_t>();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* ap = alpha.data_ptr<scalar_t>();
+  const PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
+
+  const dim3 grid_a(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)), static_cast<unsigned>(d.B),
+                    static_cast<unsigned>(n_split));
+  const dim3 grid_b(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)),
+                    static_cast<unsigned>(ceil_div(d.n_in, rows_per_block)));
+  const unsigned grid_reduce = static_cast<unsigned>(ceil_div(bi, kThreadsRow));
+
+  for (int64_t ci = d.C - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * d.K;
+    const int64_t len = std::min(d.K, d.T - t0);
+    // H_{t0 + s}: the checkpoint for s = 0, the segment buffer after it.
+    auto trace_at = [&](int64_t s) -> scalar_t* {
+      return s == 0 ? const_cast<scalar_t*>(ckp) + ci * hs : segp + (s - 1) * hs;
+    };
+    for (int64_t s = 1; s < len; ++s) {
+      const int64_t t = t0 + s - 1;
+      launch_update<scalar_t>(oja, trace_at(s - 1), trace_at(s), P.at(t), yp + t * bo, ep + t * bo, d, has_clip,
+                              c, stream);
+    }
+    for (int64_t s = len - 1; s >= 0; --s) {
+      const int64_t t = t0 + s;
+      const scalar_t* Ht = trace_at(s);
+      const scalar_t* pt = P.at(t);
+      if (oja) {
+        backward_sweep_a_kernel<scalar_t, true><<<grid_a, kThreadsJ, 0, stream>>>(
+            Ht, Gp, pt, yp + t * bo, ep + t * bo, dep, dyp, dpp, d.B, d.n_in, d.n_out, n_warps_j, chunk, has_clip, c);
+      } else {
+        backward_sweep_a_kernel<scalar_t, false><<<grid_a, kThreadsJ, 0, stream>>>(
+            Ht, Gp, pt, yp + t * bo, ep + t * bo, dep, dyp, dpp, d.B, d.n_in, d.n_out, n_warps_j, chunk, has_clip, c);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      activation_backward_kernel<scalar_t><<<static_cast<unsigned>(d.B), kThreadsRow, 0, stream>>>(
+          dyp, dep, n_split, gyp + t * bo, carryp, yp + t * bo, gdrive + t * bo, ge + t * bo, d.B, d.n_out,
+          static_cast<int>(act));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (d.n_in > 0) {
+        backward_sweep_b_kernel<scalar_t><<<grid_b, kThreadsJ, 0, stream>>>(
+            Ht, Gp, pt, gdrive + t * bo, wp, ap, galpha, dpp, d.B, d.n_in, d.n_out, n_warps_j, rows_per_block);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // dL/dp_t: dL/dx_t (linear); dL/dy_{t-1}, carried into step t-1, or dL/dy0 (recurrent).
+        scalar_t* out = recurrent ? (t > 0 ? carryp : gpre) : gpre + t * bi;
+        dp_reduce_kernel<scalar_t><<<grid_reduce, kThreadsRow, 0, stream>>>(dpp, out, d.B, d.n_in, n_warps_j);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+}
+
+void check_cuda(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), "plastic_ops: the CUDA kernels got a tensor on ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(bool recurrent, const at::Tensor& pre,
+                                                           const at::Tensor& drive, const at::Tensor& w,
+                                                           const at::Tensor& alpha, const at::Tensor& e,
+                                                           const at::Tensor& h0, c10::string_view rule_s,
+                                                           c10::string_view act_s, c10::optional<double> clip,
+                                                           int64_t K) {
+  const Rule rule = parse_rule(std::string(rule_s.data(), rule_s.size()));
+  const Act act = parse_activation(std::string(act_s.data(), act_s.size()));
+  const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
+  check_cuda(drive);
+  TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
+  const c10::cuda::CUDAGuard guard(drive.device());
+  at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
+  at::Tensor hT = at::empty_like(h0);
+  at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, drive.options());
+  if (d.B == 0 || d.n_out == 0) {  // nothing to compute: y and the traces are empty
+    hT.copy_(h0);
+    return std::make_tuple(y, hT, ckpts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda", [&] {
+    forward_impl<scalar_t>(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, y, hT, ckpts);
+  });
+  return std::make_tuple(y, hT, ckpts);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre, const at::Tensor& w,
+    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+    c10::string_view rule_s, c10::string_view act_s, c10::optional<double> clip, int64_t K) {
+  const Rule rule = parse_rule(std::string(rule_s.data(), rule_s.size()));
+  const Act act = parse_activation(std::string(act_s.data(), act_s.size()));
+  // grad_y has the drive's shape and grad_hT the initial trace's.
+  const Dims d = check_canonical(pre, grad_y, w, alpha, e, grad_hT, clip, K, recurrent);
+  TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
+  for (const at::Tensor* t : {&y, &ckpts}) {
+    TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
+    TORCH_CHECK(t->scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors must share a dtype");
+    TORCH_CHECK(t->device() == grad_y.device(), "plastic_ops: all tensors must share a device");
+  }
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == d.T && y.size(1) == d.B && y.size(2) == d.n_out,
+              "plastic_ops: y must be (T, B, N_out)");
+  TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&
+                  ckpts.size(3) == d.n_out,
+              "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
+  check_cuda(grad_y);
+  TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+
+  at::Tensor G = grad_hT.clone();  // dL/dH_T, walked back to dL/dH_0
+  at::Tensor g_pre = at::zeros_like(pre);
+  at::Tensor g_drive = at::zeros({d.T, d.B, d.n_out}, grad_y.options());
+  at::Tensor g_alpha = at::zeros({d.n_in, d.n_out}, grad_y.options());
+  at::Tensor g_e = at::zeros({d.T, d.B, d.n_out}, grad_y.options());
+  if (d.B == 0 || d.n_out == 0) {
+    return std::make_tuple(g_pre, g_drive, at::zeros_like(w), g_alpha, g_e, G);
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda", [&] {
+    backward_impl<scalar_t>(recurrent, grad_y, pre, w, alpha, e, y, ckpts, rule, act, clip, d, G, g_pre, g_drive,
+                            g_alpha, g_e);
+  });
+  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps.
+  at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
+  at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
+  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& drive,
+                                                                  const at::Tensor& w, const at::Tensor& alpha,
+                                                                  const at::Tensor& e, const at::Tensor& h0,
+                                                                  c10::string_view rule, c10::string_view activation,
+                                                                  c10::optional<double> clip, int64_t K) {
+  return forward_cuda(false, x, drive, w, alpha, e, h0, rule, activation, clip, K);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_cuda(const at::Tensor& y0, const at::Tensor& drive,
+                                                               const at::Tensor& w, const at::Tensor& alpha,
+                                                               const at::Tensor& e, const at::Tensor& h0,
+                                                               c10::string_view rule, c10::string_view activation,
+                                                               c10::optional<double> clip, int64_t K) {
+  return forward_cuda(true, y0, drive, w, alpha, e, h0, rule, activation, clip, K);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& x, const at::Tensor& w,
+    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
+  return backward_cuda(false, grad_y, grad_hT, x, w, alpha, e, y, ckpts, rule, activation, clip, K);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& y0, const at::Tensor& w,
+    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
+  return backward_cuda(true, grad_y, grad_hT, y0, w, alpha, e, y, ckpts, rule, activation, clip, K);
+}
+
+}  // namespace
+}  // namespace plastic_ops
+
+TORCH_LIBRARY_IMPL(plastic_ops, CUDA, m) {
+  m.impl("plastic_linear_forward", &plastic_ops::linear_forward_cuda);
+  m.impl("plastic_rnn_forward", &plastic_ops::rnn_forward_cuda);
+  m.impl("plastic_linear_backward", &plastic_ops::linear_backward_cuda);
+  m.impl("plastic_rnn_backward", &plastic_ops::rnn_backward_cuda);
+}
