@@ -16,20 +16,29 @@
 namespace plastic_ops {
 namespace {
 
-// Each task owns the output columns [j0, j1) of a chunk for every i and b, so every
-// sum over i or over b has one writer; rows of `width` floats keep the inner loop
-// vectorizable.
-struct Chunks {
-  int64_t width, count;
-  int64_t begin(int64_t c) const { return c * width; }
+// Each task owns a contiguous range of presynaptic rows i, for every episode b, and
+// walks whole trace rows H[b, i, :]: every access is a sequential stream. Sums over i
+// (a_t, dL/de_t, dL/dy_t) go to one small (B, N_out) partial per task, added up after
+// the sweep; sums over j (dL/dp_t) and over b (dL/dalpha) have a single writer.
+struct Split {
+  int64_t tasks, rows_per_task;
+  int64_t begin(int64_t k, int64_t n) const { return std::min(n, k * rows_per_task); }
+  int64_t end(int64_t k, int64_t n) const { return std::min(n, (k + 1) * rows_per_task); }
 };
 
-Chunks make_chunks(int64_t n_out) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t width = (n_out + 4 * threads - 1) / (4 * threads);  // about 4 chunks a thread
-  width = std::max<int64_t>(16, std::min<int64_t>(256, width));
-  width = (width + 7) / 8 * 8;
-  return {width, (n_out + width - 1) / width};
+Split make_split(int64_t n_in) {
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_in));
+  return {tasks, (n_in + tasks - 1) / tasks};
+}
+
+// out[r] = base[r] + sum_k partial[k][r], over n entries (base may alias out).
+template <typename scalar_t>
+void add_partials(scalar_t* out, const scalar_t* base, const scalar_t* partial, int64_t tasks, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) {
+    scalar_t v = base[r];
+    for (int64_t k = 0; k < tasks; ++k) v += partial[k * n + r];
+    out[r] = v;
+  }
 }
 
 template <Rule R>
@@ -130,37 +139,39 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
 // Forward
 
 // One pass over the trace: applies the update of step t-1 (UPDATE) and accumulates the
-// plastic and fixed terms of a_t with the fresh values (ACCUM). acc must hold the drive.
+// terms of a_t with the fresh values (ACCUM) into each task's partial (B, N_out) sum.
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
-void forward_sweep(const Problem<scalar_t>& P, const Chunks& ch, scalar_t* H, int64_t t, scalar_t* acc) {
+void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int64_t t, scalar_t* partial) {
   const Dims d = P.d;
   const scalar_t* p_prev = UPDATE ? P.pre(t - 1) : nullptr;
   const scalar_t* y_prev = UPDATE ? P.y_at(t - 1) : nullptr;
   const scalar_t* e_prev = UPDATE ? P.e_at(t - 1) : nullptr;
   const scalar_t* p_cur = ACCUM ? P.pre(t) : nullptr;
   const scalar_t c = P.clip;
-  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      const int64_t j0 = ch.begin(chunk), nj = std::min(ch.width, d.n_out - j0);
-      for (int64_t i = 0; i < d.n_in; ++i) {
-        const scalar_t* wr = P.w + i * d.n_out + j0;
-        const scalar_t* ar = P.alpha + i * d.n_out + j0;
+  const int64_t n = d.n_out;
+  at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      scalar_t* acc = ACCUM ? partial + k * d.B * n : nullptr;
+      if (ACCUM) std::fill(acc, acc + d.B * n, scalar_t(0));
+      for (int64_t i = sp.begin(k, d.n_in); i < sp.end(k, d.n_in); ++i) {
+        const scalar_t* wr = P.w + i * n;
+        const scalar_t* ar = P.alpha + i * n;
         for (int64_t b = 0; b < d.B; ++b) {
-          scalar_t* hr = H + (b * d.n_in + i) * d.n_out + j0;
+          scalar_t* hr = H + (b * d.n_in + i) * n;
           const scalar_t pp = UPDATE ? p_prev[b * d.n_in + i] : scalar_t(0);
-          const scalar_t* yr = UPDATE ? y_prev + b * d.n_out + j0 : nullptr;
-          const scalar_t* er = UPDATE ? e_prev + b * d.n_out + j0 : nullptr;
+          const scalar_t* yr = UPDATE ? y_prev + b * n : nullptr;
+          const scalar_t* er = UPDATE ? e_prev + b * n : nullptr;
           const scalar_t pc = ACCUM ? p_cur[b * d.n_in + i] : scalar_t(0);
-          scalar_t* accr = ACCUM ? acc + b * d.n_out + j0 : nullptr;
+          scalar_t* accr = ACCUM ? acc + b * n : nullptr;
 #pragma omp simd
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            scalar_t h = hr[jj];
+          for (int64_t j = 0; j < n; ++j) {
+            scalar_t h = hr[j];
             if constexpr (UPDATE) {
-              h = updated<R>(h, pp, yr[jj], er[jj]);
+              h = updated<R>(h, pp, yr[j], er[j]);
               if constexpr (CLIP) h = clamp(h, c);
-              hr[jj] = h;
+              hr[j] = h;
             }
-            if constexpr (ACCUM) accr[jj] += pc * (wr[jj] + ar[jj] * h);
+            if constexpr (ACCUM) accr[j] += pc * (wr[j] + ar[j] * h);
           }
         }
       }
@@ -177,7 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   auto y = at::empty({d.T, d.B, d.n_out}, drive.options());
   auto H = h0.clone();
   auto ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
+  const Split sp = make_split(d.n_in);
   auto acc = at::empty({d.B, d.n_out}, drive.options());
+  auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive.options());
   Problem<scalar_t> P{d,
                       recurrent,
                       recurrent ? nullptr : pre.data_ptr<scalar_t>(),
@@ -187,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
                       e.data_ptr<scalar_t>(),
                       y.data_ptr<scalar_t>(),
                       static_cast<scalar_t>(clip.value_or(0.0))};
-  const Chunks ch = make_chunks(d.n_out);
   scalar_t* Hp = H.data_ptr<scalar_t>();
   scalar_t* accp = acc.data_ptr<scalar_t>();
+  scalar_t* partp = partial.data_ptr<scalar_t>();
   const scalar_t* drv = drive.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
@@ -198,18 +211,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
     for (int64_t t = 0; t < d.T; ++t) {
-      std::copy(drv + t * d.B * d.n_out, drv + (t + 1) * d.B * d.n_out, accp);
       if (t == 0) {
-        forward_sweep<scalar_t, R, CLIP, false, true>(P, ch, Hp, t, accp);
+        forward_sweep<scalar_t, R, CLIP, false, true>(P, sp, Hp, t, partp);
       } else {
-        forward_sweep<scalar_t, R, CLIP, true, true>(P, ch, Hp, t, accp);
+        forward_sweep<scalar_t, R, CLIP, true, true>(P, sp, Hp, t, partp);
       }
+      add_partials(accp, drv + t * d.B * d.n_out, partp, sp.tasks, d.B * d.n_out);
       activate_rows(accp, yp + t * d.B * d.n_out, d.B, d.n_out, act);
       if (d.K > 0 && t % d.K == 0) {  // H now holds H_t
         std::copy(Hp, Hp + trace_numel, ckpts.data_ptr<scalar_t>() + (t / d.K) * trace_numel);
       }
     }
-    forward_sweep<scalar_t, R, CLIP, true, false>(P, ch, Hp, d.T, nullptr);  // H_T
+    forward_sweep<scalar_t, R, CLIP, true, false>(P, sp, Hp, d.T, nullptr);  // H_T
   });
   return {y, H, ckpts};
 }
@@ -244,50 +257,53 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
 }
 
 // Sweep A of step t: through the clamp and the update. G (dL/dH_{t+1}) becomes the trace
-// path of dL/dH_t; adds to gy (dL/dy_t), ge (dL/de_t) and the chunk partials of dL/dp_t.
+// path of dL/dH_t; sets dp (dL/dp_t, B x N_in) and fills each task's partials of
+// dL/de_t and dL/dy_t (two (B, N_out) blocks per task).
 template <typename scalar_t, Rule R, bool CLIP>
-void backward_sweep_update(const Problem<scalar_t>& P, const Chunks& ch, const scalar_t* Ht, scalar_t* G, int64_t t,
-                           scalar_t* gy, scalar_t* ge, scalar_t* partial) {
+void backward_sweep_update(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Ht, scalar_t* G, int64_t t,
+                           scalar_t* dp, scalar_t* partial) {
   const Dims d = P.d;
   const scalar_t* p = P.pre(t);
   const scalar_t* yt = P.y_at(t);
   const scalar_t* et = P.e_at(t);
   const scalar_t c = P.clip;
-  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      const int64_t j0 = ch.begin(chunk), nj = std::min(ch.width, d.n_out - j0);
-      scalar_t* part = partial + chunk * d.B * d.n_in;
-      for (int64_t i = 0; i < d.n_in; ++i) {
+  const int64_t n = d.n_out;
+  at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      scalar_t* ge = partial + 2 * k * d.B * n;
+      scalar_t* gy = ge + d.B * n;
+      std::fill(ge, ge + 2 * d.B * n, scalar_t(0));
+      for (int64_t i = sp.begin(k, d.n_in); i < sp.end(k, d.n_in); ++i) {
         for (int64_t b = 0; b < d.B; ++b) {
           const int64_t row = b * d.n_in + i;
           const scalar_t pp = p[row];
-          const scalar_t* hr = Ht + row * d.n_out + j0;
-          scalar_t* gr = G + row * d.n_out + j0;
-          const scalar_t* yr = yt + b * d.n_out + j0;
-          const scalar_t* er = et + b * d.n_out + j0;
-          scalar_t* ger = ge + b * d.n_out + j0;
-          scalar_t* gyr = gy + b * d.n_out + j0;
+          const scalar_t* hr = Ht + row * n;
+          scalar_t* gr = G + row * n;
+          const scalar_t* yr = yt + b * n;
+          const scalar_t* er = et + b * n;
+          scalar_t* ger = ge + b * n;
+          scalar_t* gyr = gy + b * n;
           scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            const scalar_t h = hr[jj], yy = yr[jj], ee = er[jj];
-            scalar_t g = gr[jj];
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t h = hr[j], yy = yr[j], ee = er[j];
+            scalar_t g = gr[j];
             if constexpr (CLIP) {
               const scalar_t hp = updated<R>(h, pp, yy, ee);
               g = (hp >= -c && hp <= c) ? g : scalar_t(0);
             }
             if constexpr (R == Rule::Hebb) {
-              ger[jj] += g * (pp * yy - h);
-              gyr[jj] += g * ee * pp;
-              gr[jj] = g * (scalar_t(1) - ee);
+              ger[j] += g * (pp * yy - h);
+              gyr[j] += g * ee * pp;
+              gr[j] = g * (scalar_t(1) - ee);
             } else {
-              ger[jj] += g * yy * (pp - h * yy);
-              gyr[jj] += g * ee * (pp - scalar_t(2) * h * yy);
-              gr[jj] = g * (scalar_t(1) - ee * yy * yy);
+              ger[j] += g * yy * (pp - h * yy);
+              gyr[j] += g * ee * (pp - scalar_t(2) * h * yy);
+              gr[j] = g * (scalar_t(1) - ee * yy * yy);
             }
             s += g * ee * yy;
           }
-          part[row] += s;
+          dp[row] = s;
         }
       }
     }
@@ -295,35 +311,34 @@ void backward_sweep_update(const Problem<scalar_t>& P, const Chunks& ch, const s
 }
 
 // Sweep B of step t: through a_t = p_t (w + alpha H_t) + d_t. Adds alpha p ga to G
-// (completing dL/dH_t), p ga H to dL/dalpha and ga (w + alpha H) to the partials of dL/dp_t.
+// (completing dL/dH_t), p ga H to dL/dalpha and ga (w + alpha H) to dp.
 template <typename scalar_t>
-void backward_sweep_drive(const Problem<scalar_t>& P, const Chunks& ch, const scalar_t* Ht, scalar_t* G, int64_t t,
-                          const scalar_t* ga, scalar_t* galpha, scalar_t* partial) {
+void backward_sweep_drive(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Ht, scalar_t* G, int64_t t,
+                          const scalar_t* ga, scalar_t* galpha, scalar_t* dp) {
   const Dims d = P.d;
   const scalar_t* p = P.pre(t);
-  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      const int64_t j0 = ch.begin(chunk), nj = std::min(ch.width, d.n_out - j0);
-      scalar_t* part = partial + chunk * d.B * d.n_in;
-      for (int64_t i = 0; i < d.n_in; ++i) {
-        const scalar_t* wr = P.w + i * d.n_out + j0;
-        const scalar_t* ar = P.alpha + i * d.n_out + j0;
-        scalar_t* gar = galpha + i * d.n_out + j0;
+  const int64_t n = d.n_out;
+  at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t i = sp.begin(k, d.n_in); i < sp.end(k, d.n_in); ++i) {
+        const scalar_t* wr = P.w + i * n;
+        const scalar_t* ar = P.alpha + i * n;
+        scalar_t* gar = galpha + i * n;
         for (int64_t b = 0; b < d.B; ++b) {
           const int64_t row = b * d.n_in + i;
           const scalar_t pp = p[row];
-          const scalar_t* hr = Ht + row * d.n_out + j0;
-          scalar_t* gr = G + row * d.n_out + j0;
-          const scalar_t* gab = ga + b * d.n_out + j0;
+          const scalar_t* hr = Ht + row * n;
+          scalar_t* gr = G + row * n;
+          const scalar_t* gab = ga + b * n;
           scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            const scalar_t h = hr[jj], a = ar[jj], g = gab[jj];
-            gr[jj] += a * pp * g;
-            gar[jj] += pp * g * h;
-            s += g * (wr[jj] + a * h);
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t h = hr[j], a = ar[j], g = gab[j];
+            gr[j] += a * pp * g;
+            gar[j] += pp * g * h;
+            s += g * (wr[j] + a * h);
           }
-          part[row] += s;
+          dp[row] += s;
         }
       }
     }
@@ -339,13 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto G = grad_hT.clone();
   auto seg = at::empty({std::min(d.K, d.T), d.B, d.n_in, d.n_out}, opts);
   auto g_drive = at::empty({d.T, d.B, d.n_out}, opts);
-  auto g_e = at::zeros({d.T, d.B, d.n_out}, opts);
+  auto g_e = at::empty({d.T, d.B, d.n_out}, opts);
   auto g_alpha = at::zeros({d.n_in, d.n_out}, opts);
   auto g_pre = recurrent ? at::empty({d.B, d.n_in}, opts) : at::empty({d.T, d.B, d.n_in}, opts);
   auto gy = at::empty({d.B, d.n_out}, opts);
   auto carry = at::zeros({d.B, d.n_in}, opts);  // dL/dy_t from step t+1 (recurrent form)
-  const Chunks ch = make_chunks(d.n_out);
-  auto partial = at::empty({ch.count, d.B, d.n_in}, opts);
+  const Split sp = make_split(d.n_in);
+  auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_t, dL/dy_t per task
 
   Problem<scalar_t> P{d,
                       recurrent,
@@ -382,21 +397,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const scalar_t* cp = carry.data_ptr<scalar_t>();
           for (int64_t k = 0; k < row_numel; ++k) gyp[k] += cp[k];
         }
-        partial.zero_();
-        backward_sweep_update<scalar_t, R, CLIP>(P, ch, Ht, Gp, t, gyp, g_e.data_ptr<scalar_t>() + t * row_numel,
-                                                 partp);
-        scalar_t* gat = g_drive.data_ptr<scalar_t>() + t * row_numel;
-        activation_backward(gyp, P.y_at(t), gat, d.B, d.n_out, act);
-        backward_sweep_drive<scalar_t>(P, ch, Ht, Gp, t, gat, g_alpha.data_ptr<scalar_t>(), partp);
-        // dL/dp_t: add up the chunk partials.
         scalar_t* dp = recurrent ? (t > 0 ? carry.data_ptr<scalar_t>() : g_pre.data_ptr<scalar_t>())
                                  : g_pre.data_ptr<scalar_t>() + t * d.B * d.n_in;
-        const int64_t n = d.B * d.n_in;
-        std::fill(dp, dp + n, scalar_t(0));
-        for (int64_t k = 0; k < ch.count; ++k) {
-          const scalar_t* src = partp + k * n;
-          for (int64_t r = 0; r < n; ++r) dp[r] += src[r];
+        backward_sweep_update<scalar_t, R, CLIP>(P, sp, Ht, Gp, t, dp, partp);
+        // Add up the tasks' partials: dL/de_t, and dL/dy_t (update path) onto gy.
+        scalar_t* ge = g_e.data_ptr<scalar_t>() + t * row_numel;
+        for (int64_t r = 0; r < row_numel; ++r) {
+          scalar_t se = 0, sy = gyp[r];
+          for (int64_t k = 0; k < sp.tasks; ++k) {
+            se += partp[(2 * k) * row_numel + r];
+            sy += partp[(2 * k + 1) * row_numel + r];
+          }
+          ge[r] = se;
+          gyp[r] = sy;
         }
+        scalar_t* gat = g_drive.data_ptr<scalar_t>() + t * row_numel;
+        activation_backward(gyp, P.y_at(t), gat, d.B, d.n_out, act);
+        backward_sweep_drive<scalar_t>(P, sp, Ht, Gp, t, gat, g_alpha.data_ptr<scalar_t>(), dp);
       }
     }
   });
