@@ -7,6 +7,7 @@ Environment:
   CUDA_HOME                the CUDA toolkit; /usr/local/cuda when unset and present.
 """
 import glob
+import importlib.util
 import os
 
 # torch.utils.cpp_extension reads CUDA_HOME when imported: set it first. A wrapper
@@ -14,7 +15,11 @@ import os
 if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError as exc:  # pip's isolated build environment has no torch
+    raise SystemExit("plastic_ops builds against the installed torch: install torch (>= 2.4) first, then "
+                     "`pip install --no-build-isolation .`") from exc
 from setuptools import find_packages, setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -37,6 +42,24 @@ def want_cuda() -> bool:
     return has_toolkit
 
 
+def cuda_library_headers() -> list:
+    """Headers of the CUDA math libraries (cuBLAS, cuSPARSE) that ATen's CUDA headers include.
+
+    A CUDA build of torch from pip brings them in the nvidia-* wheels; a minimal toolkit
+    (nvcc and the runtime only) lacks them, so look there when CUDA_HOME has none.
+    """
+    if os.path.exists(os.path.join(CUDA_HOME or "", "include", "cusparse.h")):
+        return []
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    found = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) or os.path.exists(os.path.join(inc, "cublas_v2.h")):
+                found.append(inc)
+    return found
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
@@ -47,6 +70,7 @@ def extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(
             "plastic_ops._C", sources,
+            include_dirs=cuda_library_headers(),
             define_macros=[("PLASTIC_OPS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=link)
