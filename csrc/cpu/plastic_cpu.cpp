@@ -26,9 +26,13 @@ struct Split {
   int64_t end(int64_t k, int64_t n) const { return std::min(n, (k + 1) * rows_per_task); }
 };
 
-Split make_split(int64_t n_in) {
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_in));
-  return {tasks, (n_in + tasks - 1) / tasks};
+// Small traces run on one thread: a fork-join per sweep costs more than the sweep.
+constexpr int64_t kMinElementsPerTask = 1 << 15;
+
+Split make_split(const Dims& d) {
+  const int64_t by_work = (d.B * d.n_in * d.n_out) / kMinElementsPerTask;
+  const int64_t tasks = std::max<int64_t>(1, std::min({by_work, (int64_t)at::get_num_threads(), d.n_in}));
+  return {tasks, (d.n_in + tasks - 1) / tasks};
 }
 
 // out[r] = base[r] + sum_k partial[k][r], over n entries (base may alias out).
@@ -188,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   auto y = at::empty({d.T, d.B, d.n_out}, drive.options());
   auto H = h0.clone();
   auto ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
-  const Split sp = make_split(d.n_in);
+  const Split sp = make_split(d);
   auto acc = at::empty({d.B, d.n_out}, drive.options());
   auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive.options());
   Problem<scalar_t> P{d,
@@ -238,7 +242,8 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
   const scalar_t* yt = P.y_at(t);
   const scalar_t* et = P.e_at(t);
   const scalar_t c = P.clip;
-  at::parallel_for(0, d.B * d.n_in, 16, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / d.n_out);
+  at::parallel_for(0, d.B * d.n_in, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / d.n_in;
       const scalar_t pp = p[row];
@@ -359,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto g_pre = recurrent ? at::empty({d.B, d.n_in}, opts) : at::empty({d.T, d.B, d.n_in}, opts);
   auto gy = at::empty({d.B, d.n_out}, opts);
   auto carry = at::zeros({d.B, d.n_in}, opts);  // dL/dy_t from step t+1 (recurrent form)
-  const Split sp = make_split(d.n_in);
+  const Split sp = make_split(d);
   auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_t, dL/dy_t per task
 
   Problem<scalar_t> P{d,
