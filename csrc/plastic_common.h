@@ -4,7 +4,11 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
 #include <string>
+#include <tuple>
 
 namespace plastic_ops {
 
@@ -63,6 +67,64 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
     TORCH_CHECK(t->device() == drive.device(), "plastic_ops: all tensors must share a device");
   }
   return d;
+}
+
+// The backward's arguments: the forward's canonical ones, with grad_y standing for the
+// drive (same shape) and grad_hT for h0, plus y and the checkpoints.
+inline Dims check_backward(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
+                           const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
+                           const at::Tensor& ckpts, c10::optional<double> clip, int64_t K, bool recurrent) {
+  const Dims d = check_canonical(pre, grad_y, w, alpha, e, grad_hT, clip, K, recurrent);
+  TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
+  TORCH_CHECK(y.sizes() == grad_y.sizes(), "plastic_ops: y must be (T, B, N_out)");
+  TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&
+                  ckpts.size(3) == d.n_out,
+              "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
+  for (const at::Tensor* t : {&y, &ckpts}) {
+    TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
+    TORCH_CHECK(t->scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors must share a dtype");
+    TORCH_CHECK(t->device() == grad_y.device(), "plastic_ops: all tensors must share a device");
+  }
+  return d;
+}
+
+inline std::string to_string(c10::string_view s) { return std::string(s.data(), s.size()); }
+
+// Each backend implements the op once, for both forms; the schema has one op per form.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardImpl = ForwardResult (*)(bool recurrent, const at::Tensor& pre, const at::Tensor& drive,
+                                      const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
+                                      const at::Tensor& h0, c10::string_view rule, c10::string_view activation,
+                                      c10::optional<double> clip, int64_t K);
+using BackwardImpl = BackwardResult (*)(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+                                        const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
+                                        const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+                                        c10::string_view rule, c10::string_view activation,
+                                        c10::optional<double> clip, int64_t K);
+
+template <ForwardImpl F, bool Recurrent>
+ForwardResult forward_form(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                           const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
+                           c10::string_view activation, c10::optional<double> clip, int64_t K) {
+  return F(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K);
+}
+
+template <BackwardImpl F, bool Recurrent>
+BackwardResult backward_form(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
+                             const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
+                             const at::Tensor& ckpts, c10::string_view rule, c10::string_view activation,
+                             c10::optional<double> clip, int64_t K) {
+  return F(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K);
+}
+
+// Registers one backend's kernels for the four ops of csrc/plastic_op.cpp.
+template <ForwardImpl F, BackwardImpl Bk>
+void register_kernels(torch::Library& m) {
+  m.impl("plastic_linear_forward", &forward_form<F, false>);
+  m.impl("plastic_rnn_forward", &forward_form<F, true>);
+  m.impl("plastic_linear_backward", &backward_form<Bk, false>);
+  m.impl("plastic_rnn_backward", &backward_form<Bk, true>);
 }
 
 }  // namespace plastic_ops

@@ -86,6 +86,20 @@ struct Problem {
   const scalar_t* y;  // (T,B,N_out): outputs (written by forward, read by backward)
   scalar_t clip;
 
+  // pre is x (linear form) or y0 (recurrent form).
+  static Problem make(const Dims& d, bool recurrent, const at::Tensor& pre, const at::Tensor& w,
+                      const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, c10::optional<double> clip) {
+    return {d,
+            recurrent,
+            recurrent ? nullptr : pre.data_ptr<scalar_t>(),
+            recurrent ? pre.data_ptr<scalar_t>() : nullptr,
+            w.data_ptr<scalar_t>(),
+            alpha.data_ptr<scalar_t>(),
+            e.data_ptr<scalar_t>(),
+            y.data_ptr<scalar_t>(),
+            static_cast<scalar_t>(clip.value_or(0.0))};
+  }
+
   // p_t: the presynaptic vector of step t, (B, N_in).
   const scalar_t* pre(int64_t t) const {
     if (!recurrent) return x + t * d.B * d.n_in;
@@ -195,15 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   const Split sp = make_split(d);
   auto acc = at::empty({d.B, d.n_out}, drive.options());
   auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive.options());
-  Problem<scalar_t> P{d,
-                      recurrent,
-                      recurrent ? nullptr : pre.data_ptr<scalar_t>(),
-                      recurrent ? pre.data_ptr<scalar_t>() : nullptr,
-                      w.data_ptr<scalar_t>(),
-                      alpha.data_ptr<scalar_t>(),
-                      e.data_ptr<scalar_t>(),
-                      y.data_ptr<scalar_t>(),
-                      static_cast<scalar_t>(clip.value_or(0.0))};
+  const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
   scalar_t* Hp = H.data_ptr<scalar_t>();
   scalar_t* accp = acc.data_ptr<scalar_t>();
   scalar_t* partp = partial.data_ptr<scalar_t>();
@@ -367,15 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Split sp = make_split(d);
   auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_t, dL/dy_t per task
 
-  Problem<scalar_t> P{d,
-                      recurrent,
-                      recurrent ? nullptr : pre.data_ptr<scalar_t>(),
-                      recurrent ? pre.data_ptr<scalar_t>() : nullptr,
-                      w.data_ptr<scalar_t>(),
-                      alpha.data_ptr<scalar_t>(),
-                      e.data_ptr<scalar_t>(),
-                      y.data_ptr<scalar_t>(),
-                      static_cast<scalar_t>(clip.value_or(0.0))};
+  const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
   const int64_t row_numel = d.B * d.n_out;
   scalar_t* Gp = G.data_ptr<scalar_t>();
@@ -432,77 +430,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // ---------------------------------------------------------------------------------------
 // Op entry points
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& pre, const at::Tensor& drive,
-                                                          const at::Tensor& w, const at::Tensor& alpha,
-                                                          const at::Tensor& e, const at::Tensor& h0,
-                                                          c10::string_view rule, c10::string_view activation,
-                                                          c10::optional<double> clip, int64_t K, bool recurrent) {
+ForwardResult forward_cpu(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                          const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
+                          c10::string_view activation, c10::optional<double> clip, int64_t K) {
   const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
-  const Rule r = parse_rule(std::string(rule.data(), rule.size()));
-  const Act a = parse_activation(std::string(activation.data(), activation.size()));
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  const Rule r = parse_rule(to_string(rule));
+  const Act a = parse_activation(to_string(activation));
+  ForwardResult out;
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cpu", [&] {
     out = forward_impl<scalar_t>(pre, drive, w, alpha, e, h0, r, a, clip, d, recurrent);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K, bool recurrent) {
-  // The drive is not needed by the backward: y stands for it in the shape checks.
-  const Dims d = check_canonical(pre, y, w, alpha, e, grad_hT, clip, K, recurrent);
-  TORCH_CHECK(K > 0 && ckpts.dim() == 4 && ckpts.size(0) == d.C,
-              "plastic_ops: the backward needs the forward's checkpoints (checkpoint_every > 0)");
-  TORCH_CHECK(grad_y.sizes() == y.sizes() && grad_y.is_contiguous() && ckpts.is_contiguous(),
-              "plastic_ops: grad_y must match y and be contiguous");
-  const Rule r = parse_rule(std::string(rule.data(), rule.size()));
-  const Act a = parse_activation(std::string(activation.data(), activation.size()));
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+                            const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
+                            const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
+                            c10::string_view activation, c10::optional<double> clip, int64_t K) {
+  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const Rule r = parse_rule(to_string(rule));
+  const Act a = parse_activation(to_string(activation));
+  BackwardResult out;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "plastic_backward_cpu", [&] {
     out = backward_impl<scalar_t>(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, r, a, clip, d, recurrent);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& drive,
-                                                                 const at::Tensor& w, const at::Tensor& alpha,
-                                                                 const at::Tensor& e, const at::Tensor& h0,
-                                                                 c10::string_view rule, c10::string_view activation,
-                                                                 c10::optional<double> clip, int64_t K) {
-  return forward_cpu(x, drive, w, alpha, e, h0, rule, activation, clip, K, false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& y0, const at::Tensor& drive,
-                                                              const at::Tensor& w, const at::Tensor& alpha,
-                                                              const at::Tensor& e, const at::Tensor& h0,
-                                                              c10::string_view rule, c10::string_view activation,
-                                                              c10::optional<double> clip, int64_t K) {
-  return forward_cpu(y0, drive, w, alpha, e, h0, rule, activation, clip, K, true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& x, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  return backward_cpu(grad_y, grad_hT, x, w, alpha, e, y, ckpts, rule, activation, clip, K, false);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& y0, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  return backward_cpu(grad_y, grad_hT, y0, w, alpha, e, y, ckpts, rule, activation, clip, K, true);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(plastic_ops, CPU, m) {
-  m.impl("plastic_linear_forward", &linear_forward_cpu);
-  m.impl("plastic_rnn_forward", &rnn_forward_cpu);
-  m.impl("plastic_linear_backward", &linear_backward_cpu);
-  m.impl("plastic_rnn_backward", &rnn_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(plastic_ops, CPU, m) { register_kernels<forward_cpu, backward_cpu>(m); }
 
 }  // namespace plastic_ops

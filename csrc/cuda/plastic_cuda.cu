@@ -545,14 +545,11 @@ void check_cuda(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "plastic_ops: the CUDA kernels got a tensor on ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(bool recurrent, const at::Tensor& pre,
-                                                           const at::Tensor& drive, const at::Tensor& w,
-                                                           const at::Tensor& alpha, const at::Tensor& e,
-                                                           const at::Tensor& h0, c10::string_view rule_s,
-                                                           c10::string_view act_s, c10::optional<double> clip,
-                                                           int64_t K) {
-  const Rule rule = parse_rule(std::string(rule_s.data(), rule_s.size()));
-  const Act act = parse_activation(std::string(act_s.data(), act_s.size()));
+ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                           const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule_s,
+                           c10::string_view act_s, c10::optional<double> clip, int64_t K) {
+  const Rule rule = parse_rule(to_string(rule_s));
+  const Act act = parse_activation(to_string(act_s));
   const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
@@ -570,25 +567,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(bool recurrent, cons
   return std::make_tuple(y, hT, ckpts);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule_s, c10::string_view act_s, c10::optional<double> clip, int64_t K) {
-  const Rule rule = parse_rule(std::string(rule_s.data(), rule_s.size()));
-  const Act act = parse_activation(std::string(act_s.data(), act_s.size()));
-  // grad_y has the drive's shape and grad_hT the initial trace's.
-  const Dims d = check_canonical(pre, grad_y, w, alpha, e, grad_hT, clip, K, recurrent);
-  TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
-  for (const at::Tensor* t : {&y, &ckpts}) {
-    TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
-    TORCH_CHECK(t->scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors must share a dtype");
-    TORCH_CHECK(t->device() == grad_y.device(), "plastic_ops: all tensors must share a device");
-  }
-  TORCH_CHECK(y.dim() == 3 && y.size(0) == d.T && y.size(1) == d.B && y.size(2) == d.n_out,
-              "plastic_ops: y must be (T, B, N_out)");
-  TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&
-                  ckpts.size(3) == d.n_out,
-              "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
+BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+                             const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
+                             const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+                             c10::string_view rule_s, c10::string_view act_s, c10::optional<double> clip,
+                             int64_t K) {
+  const Rule rule = parse_rule(to_string(rule_s));
+  const Act act = parse_activation(to_string(act_s));
+  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
   check_cuda(grad_y);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
@@ -611,42 +597,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_cuda(const at::Tensor& x, const at::Tensor& drive,
-                                                                  const at::Tensor& w, const at::Tensor& alpha,
-                                                                  const at::Tensor& e, const at::Tensor& h0,
-                                                                  c10::string_view rule, c10::string_view activation,
-                                                                  c10::optional<double> clip, int64_t K) {
-  return forward_cuda(false, x, drive, w, alpha, e, h0, rule, activation, clip, K);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_cuda(const at::Tensor& y0, const at::Tensor& drive,
-                                                               const at::Tensor& w, const at::Tensor& alpha,
-                                                               const at::Tensor& e, const at::Tensor& h0,
-                                                               c10::string_view rule, c10::string_view activation,
-                                                               c10::optional<double> clip, int64_t K) {
-  return forward_cuda(true, y0, drive, w, alpha, e, h0, rule, activation, clip, K);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& x, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  return backward_cuda(false, grad_y, grad_hT, x, w, alpha, e, y, ckpts, rule, activation, clip, K);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& y0, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    c10::string_view rule, c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  return backward_cuda(true, grad_y, grad_hT, y0, w, alpha, e, y, ckpts, rule, activation, clip, K);
-}
-
 }  // namespace
 }  // namespace plastic_ops
 
 TORCH_LIBRARY_IMPL(plastic_ops, CUDA, m) {
-  m.impl("plastic_linear_forward", &plastic_ops::linear_forward_cuda);
-  m.impl("plastic_rnn_forward", &plastic_ops::rnn_forward_cuda);
-  m.impl("plastic_linear_backward", &plastic_ops::linear_backward_cuda);
-  m.impl("plastic_rnn_backward", &plastic_ops::rnn_backward_cuda);
+  plastic_ops::register_kernels<plastic_ops::forward_cuda, plastic_ops::backward_cuda>(m);
 }
