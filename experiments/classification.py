@@ -1,0 +1,591 @@
+"""Experiment 3: MNIST classification with a plastic vs a non-plastic output layer (Miconi et al. 2018, Fig. 6-8).
+
+A small convolutional network (two convolution + ReLU + max-pooling blocks, then a hidden ReLU layer)
+ends either in a softmax linear layer (non-plastic) or in a plastic_ops.nn.PlasticLinear with softmax
+activation whose Hebbian trace persists from image to image (plastic). Two training protocols:
+
+  paper    each epoch samples P (default 100) training images and feeds them one at a time, the trace
+           carried from image to image: one sequence of T = P steps with a single stream (B = 1), one
+           optimizer step on its mean loss (gradient through the whole trace history); then evaluation
+           on the test set. The paper ran 250 epochs with the full test set after each.
+  batched  B parallel streams of T-image sequences, each with a trace starting from zero; the
+           convolutional features of all B * T images of a step are computed in one call; every epoch
+           covers all the training images.
+
+The plastic model is evaluated in two ways (--plastic-test): "reset", the test images in order cut into
+sequences of T images with a fresh trace each (as in training), and "carry", one stream through the whole
+test set in order with the trace never reset.
+
+    python -m experiments.classification --protocol batched --data-root /path/to/data
+    python -m experiments.classification --protocol paper --epochs 250 --eval-subset 0   # full paper protocol
+
+Outputs in --out: metrics.json, table.md, curves_<protocol>.png, model_<protocol>_<model>.pt, checkpoint.pt.
+Docs and measured results: docs/experiments/classification.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # the experiments are meant to be run as `python -m experiments.classification` from the repo root
+    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, pick_device, set_seed
+except ImportError:  # `python experiments/classification.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, pick_device, set_seed
+
+import plastic_ops
+from plastic_ops.nn import PlasticLinear
+
+PROTOCOLS = ("paper", "batched")
+MODELS = ("nonplastic", "plastic")
+TEST_MODES = ("reset", "carry")
+NUM_CLASSES = 10
+LOG_EPS = 1e-8  # the plastic layer returns probabilities: clamp before the log so a zero gives a finite loss
+
+# Per-protocol defaults, used when the flag is not given.
+PROTOCOL_DEFAULTS = {
+    "paper": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=1000),
+    "batched": dict(epochs=3, lr=2e-3, schedule="cosine", eval_subset=0),
+}
+# Options that change the results: a checkpoint is only resumed under the same values.
+RESULT_KEYS = ("protocols", "models", "dataset", "synthetic", "train_limit", "test_limit", "seed", "channels",
+               "hidden", "eta", "alpha", "paper_images", "streams", "seq_len", "epochs", "lr", "schedule",
+               "eval_subset", "plastic_test")
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+class ConvFeatures(nn.Module):
+    """28x28 image -> hidden ReLU features: [conv 3x3 -> ReLU -> max-pool 2] x 2 -> linear -> ReLU."""
+
+    def __init__(self, channels=(32, 64), hidden=128):
+        super().__init__()
+        c1, c2 = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c1, 3), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 26 -> 13
+            nn.Conv2d(c1, c2, 3), nn.ReLU(), nn.MaxPool2d(2),  # 13 -> 11 -> 5
+        )
+        self.fc = nn.Linear(c2 * 5 * 5, hidden)
+
+    def forward(self, images):
+        return torch.relu(self.fc(self.conv(images).flatten(1)))
+
+
+class Classifier(nn.Module):
+    """Conv features then a softmax output layer, plain (nn.Linear) or plastic (PlasticLinear).
+
+    forward(images (T, B, 1, 28, 28), trace) -> (log-probabilities (T, B, 10), trace_T or None).
+    The trace only lives in the last layer, so the features of all T * B images are one batched call.
+    """
+
+    def __init__(self, plastic: bool, channels=(32, 64), hidden=128, eta=0.01, alpha="synapse", impl="fused"):
+        super().__init__()
+        self.plastic = plastic
+        self.features = ConvFeatures(channels, hidden)
+        # Both models draw the same nn.Linear, so with the same seed they start from the same weights and
+        # differ only by the plastic term (alpha is small and the trace starts at zero).
+        linear = nn.Linear(hidden, NUM_CLASSES)
+        if plastic:
+            self.out = PlasticLinear(hidden, NUM_CLASSES, activation="softmax", alpha=alpha, eta=eta, impl=impl)
+            with torch.no_grad():
+                self.out.weight.copy_(linear.weight.t())  # PlasticLinear stores w as (N_in, N_out)
+                self.out.bias.copy_(linear.bias)
+        else:
+            self.out = linear
+
+    def forward(self, images, trace=None):
+        T, B = images.shape[:2]
+        h = self.features(images.reshape(T * B, *images.shape[2:])).reshape(T, B, -1)
+        return self.head(h, trace)
+
+    def head(self, h, trace=None):
+        """Output layer on precomputed features h (T, B, hidden)."""
+        if self.plastic:
+            p, trace = self.out(h, trace)
+            return torch.log(p.clamp_min(LOG_EPS)), trace
+        return F.log_softmax(self.out(h), dim=-1), None
+
+    def project(self):
+        """Keep the learned plasticity rate in [0, 1]: outside it the decay (1 - eta) of the trace diverges."""
+        if self.plastic and isinstance(self.out.eta, nn.Parameter):
+            with torch.no_grad():
+                self.out.eta.clamp_(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def load_data(args):
+    """(train_x, train_y, test_x, test_y) on the CPU, MNIST-like float32 (N, 1, 28, 28) in [0, 1]."""
+    from plastic_ops import data
+
+    if args.synthetic:
+        n_train = args.train_limit or 600
+        n_test = args.test_limit or 200
+        # one call, so train and test share the class prototypes
+        x, y = data.synthetic_dataset(n_train + n_test, seed=1234)
+        return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    try:
+        train_x, train_y = data.load_dataset(args.dataset, "train", root=args.data_root, download=not args.offline)
+        test_x, test_y = data.load_dataset(args.dataset, "test", root=args.data_root, download=not args.offline)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.train_limit:
+        train_x, train_y = train_x[:args.train_limit], train_y[:args.train_limit]
+    if args.test_limit:
+        test_x, test_y = test_x[:args.test_limit], test_y[:args.test_limit]
+    return train_x, train_y, test_x, test_y
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The data order of an epoch depends on (seed, epoch) only, so a resumed run sees the same images."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def features_of(model, images, device, chunk=1000):
+    return torch.cat([model.features(images[i:i + chunk].to(device)) for i in range(0, len(images), chunk)])
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, device, seq_len: int, modes) -> dict:
+    """{mode: (loss, accuracy)} on the images in order. Non-plastic: mode "plain".
+
+    reset: the test images cut into sequences of seq_len consecutive images, each from a zero trace
+           (the last, shorter one too); carry: one stream (B = 1) through all images, never reset.
+    """
+    model.eval()
+    h = features_of(model, images, device)
+    labels = labels.to(device)
+    results = {}
+    for mode in (modes if model.plastic else ("plain",)):
+        if mode == "plain":
+            logp = model.head(h.unsqueeze(0))[0][0]
+        elif mode == "carry":
+            logp = model.head(h.unsqueeze(1))[0][:, 0]  # (T = N, B = 1)
+        else:
+            n = len(h) // seq_len * seq_len
+            parts = []
+            if n:  # (S, T, hidden) -> (T, S, hidden): S streams side by side
+                y = model.head(h[:n].reshape(-1, seq_len, h.shape[1]).transpose(0, 1))[0]
+                parts.append(y.transpose(0, 1).reshape(n, -1))
+            if n < len(h):
+                parts.append(model.head(h[n:].unsqueeze(1))[0][:, 0])
+            logp = torch.cat(parts)
+        loss = F.nll_loss(logp, labels).item()
+        acc = (logp.argmax(-1) == labels).float().mean().item()
+        results[mode] = (loss, acc)
+    model.train()
+    return results
+
+
+# -------------------------------------------------------------------------------------------- training
+
+def learning_rate(args, step: int, total: int) -> float:
+    if args.schedule == "cosine":  # from lr down to lr / 20, a function of the step so resume needs no state
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))))
+    return args.lr
+
+
+class Run:
+    """One (protocol, model) training run: its model, optimizer, history and clock, checkpointable."""
+
+    def __init__(self, args, protocol, model_name, device):
+        self.protocol, self.name, self.device = protocol, model_name, device
+        set_seed(args.seed)
+        self.model = Classifier(model_name == "plastic", tuple(args.channels), args.hidden, eta=args.eta,
+                                alpha=args.alpha, impl=args.impl).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.step = 0  # paper: epochs done; batched: optimizer steps done
+        self.history = {"epoch": [], "train_loss": [], "test": {}}
+        self.train_seconds = self.eval_seconds = 0.0
+        self.cpu_seconds = 0.0  # process CPU time (all threads): less sensitive than wall-clock to a busy machine
+
+    def state(self) -> dict:
+        return {"protocol": self.protocol, "name": self.name, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "cpu_seconds": self.cpu_seconds}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.history = state["step"], state["history"]
+        self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
+        self.cpu_seconds = state.get("cpu_seconds", 0.0)
+
+    def train_step(self, images, labels, lr) -> float:
+        """images (T, B, 1, 28, 28), labels (T, B): one optimizer step on the mean loss of all T * B images."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        logp, _ = self.model(images.to(self.device))
+        loss = F.nll_loss(logp.reshape(-1, NUM_CLASSES), labels.to(self.device).reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.project()
+        return loss.item()
+
+    def record(self, epoch, train_loss, results) -> None:
+        self.history["epoch"].append(epoch)
+        self.history["train_loss"].append(train_loss)
+        for mode, (loss, acc) in results.items():
+            entry = self.history["test"].setdefault(mode, {"loss": [], "acc": []})
+            entry["loss"].append(loss)
+            entry["acc"].append(acc)
+
+
+def _tick(ckpt, save, stop_after, counter) -> None:
+    """After each unit of work: honour Ctrl-C (or the hidden --stop-after) by saving and stopping."""
+    counter[0] += 1
+    if ckpt.stop_requested or (stop_after and counter[0] >= stop_after):
+        save()
+        raise StopRequested
+
+
+def train_paper(run, args, data, ckpt, save, make_state, counter):
+    train_x, train_y, eval_x, eval_y = data
+    P = args.paper_images
+    bar = _bar(args, total=args.epochs, initial=run.step, desc=f"paper/{run.name}", unit="epoch")
+    while run.step < args.epochs:
+        epoch = run.step
+        c0 = time.process_time()
+        idx = torch.randperm(len(train_x), generator=epoch_generator(args.seed, epoch))[:P]
+        t0 = time.perf_counter()
+        # one stream of P images fed in order: T = P, B = 1; the trace is carried through all of them
+        loss = run.train_step(train_x[idx].unsqueeze(1), train_y[idx].unsqueeze(1),
+                              learning_rate(args, epoch, args.epochs))
+        t1 = time.perf_counter()
+        results = evaluate(run.model, eval_x, eval_y, run.device, P, args.plastic_test)
+        run.eval_seconds += time.perf_counter() - t1
+        run.train_seconds += t1 - t0
+        run.step += 1
+        run.record(run.step, loss, results)
+        run.cpu_seconds += time.process_time() - c0
+        bar.update(1)
+        bar.set_postfix(_postfix(loss, results))
+        ckpt.maybe_save(run.step, make_state)
+        _tick(ckpt, save, args.stop_after, counter)
+    bar.close()
+
+
+def train_batched(run, args, data, ckpt, save, make_state, counter):
+    train_x, train_y, eval_x, eval_y = data
+    B, T = args.streams, args.seq_len
+    per_step = B * T
+    steps_per_epoch = -(-len(train_x) // per_step)
+    total = steps_per_epoch * args.epochs
+    bar = _bar(args, total=total, initial=run.step, desc=f"batched/{run.name}", unit="step")
+    # per step: (mean loss, images); kept in the history so a resumed epoch still averages all its steps
+    steps = run.history.setdefault("step_loss", [])
+    while run.step < total:
+        epoch, k = divmod(run.step, steps_per_epoch)
+        perm = torch.randperm(len(train_x), generator=epoch_generator(args.seed, epoch))
+        chunk = perm[k * per_step:(k + 1) * per_step]
+        chunk = chunk[:len(chunk) // T * T]  # the last step of an epoch may hold fewer streams
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = float("nan")
+        if len(chunk):
+            b = len(chunk) // T
+            # stream s holds images chunk[s*T:(s+1)*T]; (B, T) -> time-major (T, B)
+            images = train_x[chunk].reshape(b, T, *train_x.shape[1:]).transpose(0, 1)
+            labels = train_y[chunk].reshape(b, T).t()
+            loss = run.train_step(images, labels, learning_rate(args, run.step, total))
+        steps.append((loss, len(chunk)))
+        run.train_seconds += time.perf_counter() - t0
+        run.step += 1
+        bar.update(1)
+        if run.step % steps_per_epoch == 0:
+            t1 = time.perf_counter()
+            results = evaluate(run.model, eval_x, eval_y, run.device, T, args.plastic_test)
+            run.eval_seconds += time.perf_counter() - t1
+            this = [(l, c) for l, c in steps[run.step - steps_per_epoch:run.step] if c]
+            train_loss = sum(l * c for l, c in this) / max(sum(c for _, c in this), 1)
+            run.record(run.step // steps_per_epoch, train_loss, results)
+            bar.set_postfix(_postfix(train_loss, results))
+        elif len(chunk):
+            bar.set_postfix(loss=f"{loss:.3f}")
+        run.cpu_seconds += time.process_time() - c0
+        ckpt.maybe_save(run.step, make_state)
+        _tick(ckpt, save, args.stop_after, counter)
+    bar.close()
+
+
+def _bar(args, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(disable=args.no_progress, dynamic_ncols=True, leave=False, **kw)
+
+
+def _postfix(loss, results):
+    out = {"loss": f"{loss:.3f}"}
+    out.update({f"acc_{m}": f"{acc:.4f}" for m, (_, acc) in results.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def summarize(run, args, final: dict, wall: float) -> dict:
+    """Best (over the per-epoch evaluations) and final (full test set at the end) per test mode."""
+    tests = {}
+    for mode, (loss, acc) in final.items():
+        curve = run.history["test"].get(mode, {"acc": [], "loss": []})
+        best = max(range(len(curve["acc"])), key=lambda i: curve["acc"][i]) if curve["acc"] else None
+        tests[mode] = {"best_acc": curve["acc"][best] if best is not None else None,
+                       "best_epoch": run.history["epoch"][best] if best is not None else None,
+                       "final_acc": acc, "final_loss": loss}
+    out = {"protocol": run.protocol, "model": run.name, "tests": tests,
+           "train_seconds": round(run.train_seconds, 2), "eval_seconds": round(run.eval_seconds, 2),
+           "wall_seconds": round(wall, 2), "cpu_seconds": round(run.cpu_seconds, 2), "history": run.history,
+           "parameters": sum(p.numel() for p in run.model.parameters())}
+    if run.model.plastic:
+        out["eta"] = float(run.model.out.eta.detach())
+        out["mean_abs_alpha"] = float(run.model.out.alpha.detach().abs().mean())
+    return out
+
+
+def write_table(results: dict, path: Path, what: dict) -> str:
+    lines = ["| protocol | model | test | best acc (epoch) | final acc | final loss | train s | wall-clock s "
+             "| CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        for mode, t in r["tests"].items():
+            best = "-" if t["best_acc"] is None else f"{100 * t['best_acc']:.2f}% ({t['best_epoch']})"
+            lines.append(f"| {r['protocol']} | {r['model']} | {mode} | {best} | {100 * t['final_acc']:.2f}% | "
+                         f"{t['final_loss']:.4f} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                         f"{'-' if r.get('cpu_seconds') is None else format(r['cpu_seconds'], '.0f')} |")
+    notes = [f"- {p}: {what[p]}" for p in what]
+    notes += ["- best: highest accuracy over the per-epoch evaluations; final: the trained model on the whole "
+              "test set; train s / wall-clock s: training / training + evaluation time; CPU s: process CPU "
+              "time, all threads"]
+    text = "\n".join(lines + [""] + notes) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot_curves(results: dict, protocol: str, path: Path, dataset: str = "MNIST") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for r in results.values():
+        if r["protocol"] != protocol:
+            continue
+        h = r["history"]
+        label = "non-plastic" if r["model"] == "nonplastic" else "plastic"
+        marker = "o" if len(h["epoch"]) <= 20 else None  # a few epochs: show where the evaluations are
+        axes[0].plot(h["epoch"], h["train_loss"], label=label, marker=marker)
+        for mode, curve in h["test"].items():
+            lab = label if mode == "plain" else f"{label} ({mode})"
+            axes[1].plot(h["epoch"], curve["loss"], label=lab, marker=marker)
+            axes[2].plot(h["epoch"], [100 * a for a in curve["acc"]], label=lab, marker=marker)
+    for ax, title in zip(axes, ("train loss", "test loss", "test accuracy (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    fig.suptitle(f"{dataset}, {protocol} protocol")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def describe(args, protocol, n_train, n_test) -> str:
+    evals = f"the first {args.eval_subset} test images" if args.eval_subset else f"all {n_test} test images"
+    if protocol == "paper":
+        return (f"{args.epochs} epochs of {args.paper_images} random training images fed one at a time "
+                f"(T={args.paper_images}, B=1, trace carried, one Adam step per epoch); per-epoch evaluation "
+                f"on {evals}; final figures on all {n_test} test images")
+    steps = -(-n_train // (args.streams * args.seq_len))
+    return (f"{args.epochs} epochs over {n_train} training images, B={args.streams} streams x T={args.seq_len} "
+            f"images ({steps} Adam steps per epoch, trace reset every T images); per-epoch evaluation on {evals}; "
+            f"final figures on all {n_test} test images")
+
+
+# -------------------------------------------------------------------------------------------------- cli
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.classification",
+        description="MNIST classification with a plastic vs a non-plastic softmax output layer "
+                    "(Miconi et al. 2018, Fig. 6-8): the paper's protocol and a batched one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, default_out="results/classification")
+    p.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="batched",
+                   help="paper: P images one at a time per epoch; batched: B streams x T images over all the data")
+    p.add_argument("--models", choices=MODELS + ("both",), default="both", help="which output layer(s) to train")
+    p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    p.add_argument("--data-root", default=None, help="data root (default: $PLASTIC_OPS_DATA, else ./data)")
+    p.add_argument("--offline", action="store_true", help="never try to download missing data")
+    p.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--test-limit", type=int, default=0, help="use only the first N test images (0: all)")
+    # with --protocol both, a value given for one of the next four flags applies to both protocols
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default: paper %d, batched %d)" % (PROTOCOL_DEFAULTS["paper"]["epochs"],
+                                                                     PROTOCOL_DEFAULTS["batched"]["epochs"]))
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: paper 1e-3, batched 2e-3)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help="learning-rate schedule (default: paper constant, batched cosine down to lr/20)")
+    p.add_argument("--eval-subset", type=int, default=None,
+                   help="evaluate after each epoch on the first N test images, 0 = all (default: paper 1000, "
+                        "batched 0); the final figures always use the whole test set")
+    p.add_argument("--paper-images", type=int, default=100, help="paper protocol: images per epoch (= T, B = 1)")
+    p.add_argument("--streams", type=int, default=16, help="batched protocol: B parallel streams")
+    p.add_argument("--seq-len", type=int, default=10, help="batched protocol: T images per sequence")
+    p.add_argument("--channels", type=int, nargs=2, default=(32, 64), metavar=("C1", "C2"),
+                   help="channels of the two convolutions")
+    p.add_argument("--hidden", type=int, default=128, help="units of the hidden linear layer")
+    p.add_argument("--eta", type=float, default=0.03, help="initial (learned) plasticity rate of the trace")
+    p.add_argument("--alpha", choices=("synapse", "input", "output", "scalar"), default="synapse",
+                   help="granularity of the learned plasticity coefficients")
+    p.add_argument("--plastic-test", choices=TEST_MODES + ("both",), default="both",
+                   help="how the plastic model is tested: reset the trace every T test images, carry it "
+                        "through the whole test set in order, or both")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save a checkpoint every N epochs (paper) / steps (batched) (default: 10 / 50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tiny fake data, for tests
+    p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # simulate Ctrl-C, for tests
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    args.models = list(MODELS) if args.models == "both" else [args.models]
+    args.plastic_test = list(TEST_MODES) if args.plastic_test == "both" else [args.plastic_test]
+    for name in ("paper_images", "streams", "seq_len", "hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    if "plastic" in args.models and args.impl == "fused" and not plastic_ops.extension_available():
+        parser.error("--impl fused needs the compiled extension (plastic_ops._C), which is not built; "
+                     "build it or pass --impl reference")
+    return args
+
+
+def protocol_args(args, protocol):
+    """A copy of args with the protocol's defaults filled in."""
+    a = argparse.Namespace(**vars(args))
+    for k, v in PROTOCOL_DEFAULTS[protocol].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.checkpoint_every is None:
+        a.checkpoint_every = 10 if protocol == "paper" else 50
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = ResultsDir(args.out)
+    config = {k: getattr(args, k) for k in RESULT_KEYS}
+    config["channels"] = list(config["channels"])
+
+    ckpt = CheckpointManager(out.file("checkpoint.pt"), every=1)
+    state = ckpt.load() if args.resume else None
+    if args.resume and state is None:
+        print(f"--resume: no checkpoint in {out.path}, starting from scratch", file=sys.stderr)
+    if state is not None:
+        diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        if diff:
+            raise SystemExit("error: the checkpoint in {} was made with other options: {}".format(
+                out.path, ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())))
+    done = dict(state["done"]) if state else {}
+
+    train_x, train_y, test_x, test_y = load_data(args)
+    if "batched" in args.protocols and len(train_x) < args.seq_len:
+        raise SystemExit(f"error: --seq-len {args.seq_len} is longer than the {len(train_x)} training images")
+    if "paper" in args.protocols and len(train_x) < args.paper_images:
+        raise SystemExit(f"error: --paper-images {args.paper_images} exceeds the {len(train_x)} training images")
+    what = {}
+    counter = [0]
+    stopped = False
+    with ckpt.catch_interrupt():
+        try:
+            for protocol in args.protocols:
+                pa = protocol_args(args, protocol)
+                what[protocol] = describe(pa, protocol, len(train_x), len(test_x))
+                eval_x, eval_y = ((test_x[:pa.eval_subset], test_y[:pa.eval_subset]) if pa.eval_subset
+                                  else (test_x, test_y))
+                data = (train_x, train_y, eval_x, eval_y)
+                for name in args.models:
+                    key = f"{protocol}/{name}"
+                    if key in done:
+                        continue
+                    run = Run(pa, protocol, name, device)
+                    current = state.get("current") if state else None
+                    if current and current["protocol"] == protocol and current["name"] == name:
+                        run.load(current)
+                        state["current"] = None
+                        print(f"resuming {key} at {'epoch' if protocol == 'paper' else 'step'} {run.step}",
+                              file=sys.stderr)
+
+                    def save(run=run):
+                        ckpt.save(make_state(run))
+
+                    def make_state(run=run):
+                        return {"config": config, "done": done, "current": run.state()}
+
+                    ckpt.every = pa.checkpoint_every
+                    train = train_paper if protocol == "paper" else train_batched
+                    train(run, pa, data, ckpt, save, make_state, counter)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    T = pa.paper_images if protocol == "paper" else pa.seq_len
+                    final = evaluate(run.model, test_x, test_y, device, T, args.plastic_test)
+                    run.eval_seconds += time.perf_counter() - t0
+                    run.cpu_seconds += time.process_time() - c0
+                    done[key] = summarize(run, pa, final, run.train_seconds + run.eval_seconds)
+                    torch.save(run.model.state_dict(), out.file(f"model_{protocol}_{name}.pt"))
+                    ckpt.save({"config": config, "done": done, "current": None})
+                    for mode, t in done[key]["tests"].items():
+                        _print_result(key, mode, t)
+        except StopRequested:
+            stopped = True
+
+    if stopped:
+        print(f"stopped; continue with the same command plus --resume (checkpoint: {ckpt.path})", file=sys.stderr)
+        return {"stopped": True, "checkpoint": str(ckpt.path)}
+
+    results = {k: done[k] for k in done}
+    table = write_table(results, out.file("table.md"), what)
+    for protocol in sorted({r["protocol"] for r in results.values()}):
+        plot_curves(results, protocol, out.file(f"curves_{protocol}.png"),
+                    "synthetic data" if args.synthetic else {"mnist": "MNIST"}.get(args.dataset, "Fashion-MNIST"))
+    metrics = {"experiment": "classification", "command": " ".join(["python -m experiments.classification"]
+                                                                     + (argv if argv is not None else sys.argv[1:])),
+               "config": config, "impl": args.impl, "device": str(device),
+               "data": {"dataset": "synthetic" if args.synthetic else args.dataset,
+                        "train_images": len(train_x), "test_images": len(test_x)},
+               "protocols": what,
+               "test_modes": {"plain": "non-plastic model (no trace)",
+                              "reset": "trace reset every T test images (T as in training), images in order",
+                              "carry": "one stream through the whole test set in order, trace never reset"},
+               "best": "highest accuracy over the per-epoch evaluations (on the per-epoch evaluation set)",
+               "final": "the trained model on the whole test set",
+               "runs": results}
+    out.write_json("metrics.json", metrics)
+    print(table)
+    return metrics
+
+
+def _print_result(key, mode, t):
+    best = "-" if t["best_acc"] is None else f"{100 * t['best_acc']:.2f}%"
+    print(f"{key} [{mode}]: final test accuracy {100 * t['final_acc']:.2f}%, best {best}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
