@@ -1,0 +1,412 @@
+"""Shared measurement code of the benchmarks: cases, inputs, implementations, timers, memory probes.
+
+Used by the pytest-benchmark files (benchmarks/test_bench_*.py), by the command-line comparison
+(``python -m benchmarks.compare``) and by its child processes (benchmarks/_child.py), so that every
+number in benchmarks/RESULTS.md comes from the same definitions:
+
+* a *case* is one problem: form (``rnn`` or ``linear``), N, B, T, rule, activation, alpha shape,
+  mode (``fwd``: forward only, no autograd graph; ``fwdbwd``: forward then backward of y with a fixed
+  random upstream gradient, w, alpha and eta all requiring grad) and device;
+* an *implementation* is ``fused`` (plastic_ops.plastic_*), ``eager`` (plastic_ops.reference.plastic_*)
+  or ``compile`` (torch.compile of that same reference function);
+* one *step* runs one call of an implementation on a case, synchronising the GPU, so that a wall-clock
+  timer around it measures the whole call.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import platform
+import resource
+import signal
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import plastic_ops
+from plastic_ops import _extension, reference
+
+IMPLS = ("fused", "eager", "compile")
+FORMS = ("rnn", "linear")
+MODES = ("fwd", "fwdbwd")
+ALPHA_SHAPES = ("synapse", "row", "column", "scalar")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 1024.0 * 1024.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases and inputs
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    form: str = "rnn"
+    n: int = 128
+    batch: int = 8
+    steps: int = 10
+    rule: str = "hebb"
+    activation: str = "tanh"
+    alpha: str = "synapse"
+    mode: str = "fwdbwd"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.alpha not in ALPHA_SHAPES:
+            raise ValueError(f"alpha must be one of {ALPHA_SHAPES}, got {self.alpha!r}")
+        if min(self.n, self.batch, self.steps) < 1:
+            raise ValueError(f"N, B and T must be >= 1, got N={self.n}, B={self.batch}, T={self.steps}")
+
+    @property
+    def label(self) -> str:
+        return (f"{self.form} {self.mode} N={self.n} B={self.batch} T={self.steps} "
+                f"{self.rule}/{self.activation} alpha={self.alpha} {self.device}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    @property
+    def trace_bytes(self) -> int:
+        """Bytes of one trace H (B, N, N)."""
+        return self.batch * self.n * self.n * torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+
+    def eager_bytes_estimate(self) -> int:
+        """Rough peak memory of the eager reference, used only to skip cases that cannot fit.
+
+        Forward without autograd holds a few traces at a time. With autograd the reference keeps,
+        per step, the new trace and the (B, N, N) intermediates of the einsum and of the update
+        (alpha * H, e * x), and the backward adds temporaries of the same size: about six traces per
+        step all told (docs/op_spec.md puts N=1000, T=106, B=8 near 20 GB).
+        """
+        if self.mode == "fwd":
+            return 6 * self.trace_bytes
+        return 6 * self.steps * self.trace_bytes
+
+
+def make_inputs(case: Case) -> dict:
+    """Deterministic inputs of a case: the op's arguments and, for fwdbwd, the upstream gradient of y.
+
+    The scales keep the activity away from saturation and from zero (tanh of order-one inputs), so no
+    implementation gets a fast path from denormals or all-zero traces. w, alpha and eta are leaves that
+    require grad in fwdbwd (learned, as in Miconi et al. 2018); the inputs u / x do not.
+    """
+    dev = torch.device(case.device)
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(case.seed)
+    T, B, N = case.steps, case.batch, case.n
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).to(dev)
+
+    alpha_shape = {"synapse": (N, N), "row": (N, 1), "column": (1, N), "scalar": ()}[case.alpha]
+    grad = case.mode == "fwdbwd"
+    args = {
+        "x": rand(T, B, N, scale=0.5),
+        "w": rand(N, N, scale=1.0 / math.sqrt(N)).requires_grad_(grad),
+        "alpha": rand(*alpha_shape, scale=0.1 / math.sqrt(N)).requires_grad_(grad),
+        "eta": torch.tensor(0.05, dtype=dtype, device=dev).requires_grad_(grad),
+    }
+    if grad:
+        args["grad_y"] = rand(T, B, N)
+    return args
+
+
+def op_function(impl: str, form: str, compile_kwargs: Optional[dict] = None) -> Callable:
+    """The callable of an implementation: fused op, eager reference, or torch.compile of the reference."""
+    if impl == "fused":
+        _extension.require()  # when not built: a RuntimeError with the reason and how to build it
+        return plastic_ops.plastic_rnn if form == "rnn" else plastic_ops.plastic_linear
+    ref = reference.plastic_rnn if form == "rnn" else reference.plastic_linear
+    if impl == "eager":
+        return ref
+    if impl == "compile":
+        return torch.compile(ref, **(compile_kwargs or {}))
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(case: Case, fn: Callable, args: dict) -> Callable[..., Optional[dict]]:
+    """One call of ``fn`` on the case, GPU-synchronised; ``step(capture=True)`` also returns outputs.
+
+    fwd runs under torch.no_grad (an inference call: the fused op then saves no checkpoints, the
+    reference builds no graph). fwdbwd backpropagates grad_y through y (the final trace is not used
+    by the loss) and drops the parameter gradients before each call, so that nothing accumulates.
+    """
+    kw = dict(rule=case.rule, activation=case.activation)
+    params = [args["w"], args["alpha"], args["eta"]]
+
+    if case.mode == "fwd":
+        def step(capture: bool = False):
+            with torch.no_grad():
+                y, h = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
+            synchronize(case.device)
+            return {"y": y.detach(), "trace": h.detach()} if capture else None
+    else:
+        def step(capture: bool = False):
+            for p in params:
+                p.grad = None
+            y, h = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
+            torch.autograd.backward(y, args["grad_y"])
+            synchronize(case.device)
+            if not capture:
+                return None
+            return {"y": y.detach(), "trace": h.detach(), "grad_w": params[0].grad.clone(),
+                    "grad_alpha": params[1].grad.clone(), "grad_eta": params[2].grad.clone()}
+    return step
+
+
+def max_rel_error(out: dict, ref: dict) -> float:
+    """Largest of max|out - ref| / max|ref| over the captured tensors (outputs and gradients)."""
+    worst = 0.0
+    for k, r in ref.items():
+        o = out[k].double()
+        r = r.double()
+        scale = max(r.abs().max().item(), 1e-30)
+        worst = max(worst, (o - r).abs().max().item() / scale)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def time_once(step: Callable) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def summarize(samples: List[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]
+    return {"median_s": statistics.median(s), "min_s": s[0], "max_s": s[-1], "q1_s": q[0], "q3_s": q[2],
+            "n_samples": len(s)}
+
+
+def interleaved_timing(steps: Dict[str, Callable], single_s: Dict[str, float], *, budget_s: float,
+                       min_rounds: int, max_rounds: int, min_sample_s: float, max_inner: int,
+                       rounds: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None
+                       ) -> Dict[str, dict]:
+    """Time several implementations side by side, round-robin, and return per-implementation statistics.
+
+    Each round takes one sample of every implementation, starting with a different one each round, so
+    slow drifts of a shared, noisy machine hit all of them alike and their ratio stays meaningful. A
+    sample of a fast call averages ``inner`` back-to-back calls (enough for about ``min_sample_s``), so
+    that timer resolution and Python overhead stay small; slow calls are sampled one by one. The number
+    of rounds fills ``budget_s`` within [min_rounds, max_rounds] unless ``rounds`` fixes it.
+    """
+    names = list(steps)
+    inner = {k: max(1, min(max_inner, math.ceil(min_sample_s / max(single_s[k], 1e-9)))) for k in names}
+    if rounds is None:
+        per_round = sum(inner[k] * single_s[k] for k in names)
+        rounds = int(min(max_rounds, max(min_rounds, math.floor(budget_s / max(per_round, 1e-9)))))
+    samples = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            step = steps[k]
+            t0 = time.perf_counter()
+            for _ in range(inner[k]):
+                step()
+            samples[k].append((time.perf_counter() - t0) / inner[k])
+        if progress is not None:
+            progress(r + 1, rounds)
+    return {k: dict(summarize(samples[k]), inner=inner[k], rounds=rounds, samples_s=samples[k]) for k in names}
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def alarm(seconds: Optional[float]):
+    """Raise CompileTimeout in the main thread after ``seconds`` (no limit when None or <= 0).
+
+    torch.compile's work is Python code run by the calling thread (with compile_threads = 1), so the
+    exception interrupts it between bytecodes; the parent process keeps a hard timeout as a backstop.
+    """
+    if not seconds or seconds <= 0:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise CompileTimeout(f"did not finish within {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+def ru_maxrss_bytes() -> int:
+    """getrusage's peak resident set size of this process (Linux reports KiB).
+
+    Beware in a child process: Linux keeps the larger of the child's own peak and the peak of the
+    address space it replaced at exec, i.e. its parent's when spawned by fork/vfork + exec. A child of
+    a process that imported torch therefore reports at least the parent's peak. peak_bytes() does not.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> Optional[int]:
+    v = _proc_status_kib("VmRSS")
+    return None if v is None else v * 1024
+
+
+def hwm_bytes() -> Optional[int]:
+    v = _proc_status_kib("VmHWM")
+    return None if v is None else v * 1024
+
+
+def peak_bytes() -> int:
+    """This process's own peak resident set size: VmHWM, or ru_maxrss where /proc is missing."""
+    v = hwm_bytes()
+    return ru_maxrss_bytes() if v is None else v
+
+
+def reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mem_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cuda_peak_bytes(step: Callable) -> int:
+    """Peak CUDA memory allocated by one call beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def copy_bandwidth(device: str, nbytes: int = 512 * 1024 * 1024, reps: int = 20) -> float:
+    """Achieved bandwidth of a same-device tensor copy, in bytes/s, counting read + write (2 * nbytes).
+
+    The reference roof for the fused forward's trace sweep, measured in the same process and run.
+    """
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            times.append(time_once(lambda: dst.copy_(src)))
+    del src, dst
+    return 2 * n * 4 / statistics.median(times)
+
+
+def trace_traffic_bytes(case: Case) -> int:
+    """Bytes the fused forward must move for the trace: each step reads and writes every element once."""
+    return 2 * case.trace_bytes * case.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def extension_build() -> Optional[str]:
+    """File name, modification time and hash prefix of the loaded extension: which kernel was timed."""
+    mod = sys.modules.get("plastic_ops._C")
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+    return f"{os.path.basename(path)} {stamp} sha256:{digest}"
+
+
+def environment(device: str) -> dict:
+    total = None
+    try:
+        with open("/proc/meminfo") as f:
+            total = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_gib": None if total is None else round(total / 1024 ** 3, 1),
+        "plastic_ops": plastic_ops.__version__,
+        "fused_available": plastic_ops.extension_available(),
+        "fused_build": extension_build(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 1024 ** 3, 1), cuda=torch.version.cuda)
+    return env
