@@ -52,7 +52,7 @@ LOG_EPS = 1e-8  # the plastic layer returns probabilities: clamp before the log 
 # Per-protocol defaults, used when the flag is not given.
 PROTOCOL_DEFAULTS = {
     "paper": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=1000),
-    "batched": dict(epochs=3, lr=2e-3, schedule="cosine", eval_subset=0),
+    "batched": dict(epochs=5, lr=2e-3, schedule="cosine", eval_subset=0),
 }
 # Options that change the results: a checkpoint is only resumed under the same values.
 RESULT_KEYS = ("protocols", "models", "dataset", "synthetic", "train_limit", "test_limit", "seed", "channels",
