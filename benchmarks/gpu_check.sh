@@ -43,7 +43,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --skip-build) SKIP_BUILD=1 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -176,7 +176,8 @@ fi
 run_step env plain 60 env.json bash -c '
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   "$0" benchmarks/gpu_check_report.py env "$1"' "$PYTHON" "$WORK/env.json"
-ARCH="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("arch") or "")' "$WORK/env.json" 2>/dev/null)"
+ARCH="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("arch") or "")' \
+  "$WORK/env.json" 2>/dev/null)"
 ARCH="${ARCH:-9.0}"
 
 # The kernels must be registered for CUDA (dry run: the extension must load).
@@ -224,7 +225,7 @@ else
 fi
 
 run_step tests pytest 100 tests.junit.xml "$PYTHON" -m pytest tests/test_op_vs_reference.py \
-  tests/test_gradcheck.py tests/test_registration.py -q -rfEs -p no:cacheprovider -k "$PYTEST_K" \
+  tests/test_gradcheck.py tests/test_registration.py -q -rfEs -k "$PYTEST_K" \
   -o faulthandler_timeout=60 --junitxml "$WORK/tests.junit.xml"
 
 if [ "$DRY_RUN" = "1" ]; then

@@ -108,7 +108,8 @@ def bench_verdict(rc: int, data: Optional[dict]) -> Tuple[str, str]:
     rows = data.get("rows", [])
     fused = [r for r in rows if r["impl"] == "fused"]
     bad = [r for r in fused if r["status"] != "ok"]
-    other = [f"{r['impl']} B={r['batch']}: {r['status']}" for r in rows if r["impl"] != "fused" and r["status"] != "ok"]
+    other = [f"{r['impl']} B={r['batch']}: {r['status']} ({((r.get('error') or '-').splitlines() or ['-'])[0][:80]})"
+             for r in rows if r["impl"] != "fused" and r["status"] != "ok"]
     note = f"{len(fused) - len(bad)}/{len(fused)} fused cases measured" + (f"; {'; '.join(other)}" if other else "")
     if not fused or bad or rc != 0:
         errs = "; ".join(f"B={r['batch']}: {r['status']}: {(r.get('error') or '')[:120]}" for r in bad)
@@ -128,8 +129,9 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def _tail(path: Path, n: int = 4) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    try:  # progress bars rewrite their line with \r: keep what was last shown
+        lines = [ln.split("\r")[-1] for ln in path.read_text(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln.strip()]
     except OSError:
         return ""
     return " | ".join(ln.strip()[:160] for ln in lines[-n:])
@@ -231,8 +233,10 @@ def headline_table(rows: List[dict]) -> str:
     for r in rows:
         eager = _fmt(r["eager_ms"], ".1f") if r["eager_ms"] is not None else (r["eager_status"] or "–")
         fused = _fmt(r["fused_ms"], ".1f") if r["fused_ms"] is not None else (r["fused_status"] or "–")
-        lines.append(f"| {r['B']} | {fused} | {eager} | {_fmt(r['speedup'], '.2f')}x | {_fmt(r['fused_mb'], '.0f')} "
-                     f"| {_fmt(r['eager_mb'], '.0f')} | {_fmt(r['mem_fraction'], '.3f')} | {_fmt(r['trace_gbs'], '.0f')} "
+        lines.append(f"| {r['B']} | {fused} | {eager} | {_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] else ''} "
+                     f"| {_fmt(r['fused_mb'], '.0f')} "
+                     f"| {_fmt(r['eager_mb'], '.0f')} | {_fmt(r['mem_fraction'], '.3f')} "
+                     f"| {_fmt(r['trace_gbs'], '.0f')} "
                      f"| {_fmt(r['copy_gbs'], '.0f')} | {_fmt(r['bw_fraction'], '.0%')} | {r['targets']} |")
     return "\n".join(lines)
 
@@ -243,7 +247,8 @@ def headline_table(rows: List[dict]) -> str:
 def render(summary: dict) -> str:
     steps = summary["steps"]
     lines = ["", "=" * 100,
-             f"plastic_ops GPU check: {summary['verdict']}" + (f"   [{summary['mode_note']}]" if summary["mode_note"] else "")]
+             f"plastic_ops GPU check: {summary['verdict']}"
+             + (f"   [{summary['mode_note']}]" if summary["mode_note"] else "")]
     env = summary.get("env") or {}
     if env:
         lines.append(f"machine: {env.get('device', '?')}; torch {env.get('torch', '?')} (CUDA {env.get('cuda')}); "
@@ -339,8 +344,10 @@ def pack(work: Path, out: Path, budget_s: int, started: float, dry_run: bool) ->
                "headline": {"what": what, "rows": rows, "why": why, "command": (bench or {}).get("command")},
                "out_files": list(OUT_FILES)}
     # The headline files: compare's own outputs when it ran, a statement of why not otherwise.
-    bench_dir = (work / bench_step["artifact"]).parent if bench_step and bench_step["artifact"] not in ("", "-") else None
-    for name, src in (("headline.json", "results.json"), ("headline.csv", "results.csv"), ("headline.md", "results.md")):
+    has_dir = bench_step and bench_step["artifact"] not in ("", "-")
+    bench_dir = (work / bench_step["artifact"]).parent if has_dir else None
+    for name, src in (("headline.json", "results.json"), ("headline.csv", "results.csv"),
+                      ("headline.md", "results.md")):
         path = bench_dir / src if bench_dir else None
         if path is not None and path.exists() and rows:
             data = path.read_bytes()
