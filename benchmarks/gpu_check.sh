@@ -173,7 +173,7 @@ else
   echo "gpu_check: budget ${TOTAL_BUDGET} s; scratch $WORK"
 fi
 
-run_step env plain 60 env.json bash -c '
+run_step env plain 45 env.json bash -c '
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   "$0" benchmarks/gpu_check_report.py env "$1"' "$PYTHON" "$WORK/env.json"
 ARCH="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("arch") or "")' \
@@ -250,7 +250,7 @@ if [ "$DRY_RUN" = "1" ]; then
 else
   PM_ARGS="--episodes 64 --batch-size 32 --eval-episodes 32 --eval-batch 32"
   CL_ARGS="--train-limit 2000 --test-limit 500 --epochs 1"
-  DN_ARGS="--synthetic 256 --batch-size 16 --pretrain-steps 20 --steps-per-epoch 20 --test-episodes 16
+  DN_ARGS="--synthetic 256 --batch-size 16 --pretrain-steps 10 --steps-per-epoch 10 --test-episodes 16
            --val-episodes 8 --sigmas 0.5 --grid-examples 1 --epochs 1"
   EXP_CAP=40
 fi
