@@ -200,10 +200,10 @@ def check_case(case: Case, device: str) -> dict:
 
 
 def cuda_kernels_registered() -> Optional[bool]:
-    """Whether the extension registered CUDA kernels for the forward ops (None when it cannot be asked)."""
+    """Whether the extension registered CUDA kernels for its four ops (None when torch cannot be asked)."""
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"plastic_ops::{f}_forward", "CUDA")
-                   for f in ("plastic_linear", "plastic_rnn"))
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"plastic_ops::{form}_{part}", "CUDA")
+                   for form in ("plastic_linear", "plastic_rnn") for part in ("forward", "backward"))
     except Exception:
         return None
 

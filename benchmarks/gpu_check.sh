@@ -23,7 +23,8 @@
 #
 # Steps write into a scratch folder; after every step benchmarks/gpu_check_report.py packs it into $OUT:
 # summary.txt, summary.json, headline.json, headline.csv, headline.md and logs.tar.gz (every log). A run
-# stopped from outside still leaves the last packed state. The console summary is printed last.
+# stopped from outside still leaves the last packed state. The console summary is printed last; the exit
+# status is 0 when every step that ran passed, 1 otherwise, 130 when stopped by a signal.
 #
 # Options and environment:
 #   --dry-run, GPU_CHECK_DRY_RUN=1      every step in a tiny CPU form; GPU-only steps skipped, with the reason
@@ -112,6 +113,7 @@ skip_step() {  # name kind reason
 
 CUR_TOKEN=""
 CUR_STEP=""
+CUR_STEP_INFO=""  # kind, start time, cap and artifact of the running step, for on_signal
 # run_step NAME KIND CAP ARTIFACT COMMAND...: COMMAND's output goes to logs/NAME.log; KIND tells the
 # report how to judge it (plain, pytest, reference, sanitizer, bench); ARTIFACT is its result file in WORK.
 run_step() {
@@ -135,6 +137,7 @@ run_step() {
   CUR_TOKEN="$$-$name-$RANDOM$RANDOM"
   CUR_STEP="$name"
   t0=$(date +%s)
+  CUR_STEP_INFO="$kind $t0 $limit $artifact"
   # In the background with `wait`, so that a signal to this script is handled at once (trap below).
   env GPU_CHECK_TOKEN="$CUR_TOKEN" timeout --signal=TERM --kill-after=5 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 &
   wait $!
@@ -159,7 +162,9 @@ on_signal() {
   echo "gpu_check: stopped by a signal${CUR_STEP:+ during $CUR_STEP}"
   if [ -n "$CUR_TOKEN" ]; then
     kill_leftovers "$CUR_TOKEN" > /dev/null
-    record "$CUR_STEP" plain ran 130 "$(($(date +%s) - START))" - - "stopped by a signal"
+    local kind t0 limit artifact
+    read -r kind t0 limit artifact <<< "$CUR_STEP_INFO"
+    record "$CUR_STEP" "$kind" ran 130 "$(($(date +%s) - t0))" "$limit" "$artifact" "stopped by a signal"
   fi
   pack --print
   exit 130
