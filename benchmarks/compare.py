@@ -236,8 +236,8 @@ class ChildRunner:
                         killed = True
                         break
             finally:
-                # Timed out, or this process is being stopped (SIGTERM, Ctrl-C): the child's own session
-                # would outlive it and keep the device, so its whole group goes first.
+                # Timed out, or this process is being stopped (SIGTERM, Ctrl-C): the child, detached from
+                # this process group, would outlive it and keep the device, so its whole group goes first.
                 if proc.poll() is None:
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)

@@ -18,8 +18,8 @@
 #                B=128, forward trace bandwidth against a device copy (benchmarks.compare --headline)
 #   exp_*        one short run of each experiment on CUDA
 # Each step runs under `timeout` in a process group of its own, with a token in its environment; after the
-# step every process still carrying the token is killed (benchmark children run in sessions of their
-# own), so nothing is left on the GPU once a step's time is up.
+# step every process still carrying the token is killed (benchmark children detach from the step's
+# process group), so nothing is left on the GPU once a step's time is up.
 #
 # Steps write into a scratch folder; after every step benchmarks/gpu_check_report.py packs it into $OUT:
 # summary.txt, summary.json, headline.json, headline.csv, headline.md and logs.tar.gz (every log). A run

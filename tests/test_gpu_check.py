@@ -105,8 +105,8 @@ def test_dry_run_zero_tests_is_a_failure(tmp_path):
 
 
 def test_dry_run_step_over_its_cap_is_killed(tmp_path):
-    # An 8 s cap on the benchmark (a parent and a child in its own session): the step is reported as timed
-    # out, and no process of the step is left behind.
+    # An 8 s cap on the benchmark (a parent, and a child detached from its process group): the step is
+    # reported as timed out, and no process of the step is left behind.
     rc, stdout, out, pid = run_check(tmp_path, "cap", GPU_CHECK_STEPS="bench", GPU_CHECK_CAP="8")
     assert rc == 1, stdout[-4000:]
     steps = step_lines((out / "summary.txt").read_text())
