@@ -168,7 +168,8 @@ def judge(step: dict, work: Path) -> dict:
         status, note = "FAIL", f"timed out after {step['seconds']} s (cap {step['cap']} s); " + note
     if step["note"]:
         note = f"{note}; {step['note']}"
-    if status == "FAIL" and kind not in ("pytest", "reference"):
+    # A failure with no counts or per-case errors to show: the end of its log says why.
+    if status == "FAIL" and not (out.get("counts") or out.get("reference")):
         out["log_tail"] = _tail(log)
     out.update(status=status, verdict_note=note)
     return out
