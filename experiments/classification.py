@@ -123,7 +123,7 @@ class Classifier(nn.Module):
 
 def load_data(args):
     """(train_x, train_y, test_x, test_y) on the CPU, MNIST-like float32 (N, 1, 28, 28) in [0, 1]."""
-    from plastic_ops import data
+    from experiments.common import data
 
     if args.synthetic:
         n_train = args.train_limit or 600

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plastic_ops  # noqa: E402
-from plastic_ops.data import DATASETS, load_dataset, resolve_data_root, synthetic_dataset  # noqa: E402
+from experiments.common.data import DATASETS, load_dataset, resolve_data_root, synthetic_dataset  # noqa: E402
 from plastic_ops.nn import PlasticLinear  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
                                 pick_device, set_seed)
