@@ -320,8 +320,8 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
 
 
 def _bar(args, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(disable=args.no_progress, dynamic_ncols=True, leave=False, **kw)
+    from experiments.common.progress import progress_bar
+    return progress_bar(disable=args.no_progress, leave=False, **kw)
 
 
 def _postfix(loss, results):
