@@ -85,7 +85,7 @@ def cuda_plan():
     if problem is None:
         return True, None, toolkit
     if _flag("FORCE_CUDA"):
-        raise SystemExit(f"plastic_ops: FORCE_CUDA=1, but {problem}.")
+        raise SystemExit(f"plastic_ops: FORCE_CUDA=1 but the CUDA kernels cannot be built: {problem}.")
     return False, problem, toolkit
 
 

@@ -35,9 +35,8 @@ def _release(version: str) -> tuple:
     return (int(m.group(1)), int(m.group(2))) if m else ()
 
 
-def _rebuild_hint() -> str:
-    return ("rebuild it against the running torch: `pip install --no-build-isolation .` "
-            "(or `python setup.py build_ext --inplace` in a source checkout, see README.md)")
+BUILD_HINT = ("Build it for the running torch with `pip install --no-build-isolation .`, or in a source checkout "
+              "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` (README.md)")
 
 
 def _installed_copies() -> list:
@@ -56,20 +55,18 @@ def _installed_copies() -> list:
 def _explain(exc: ImportError) -> str:
     built = build_info()
     if not any(PACKAGE_DIR.glob("_C*.so")) and not any(PACKAGE_DIR.glob("_C*.pyd")):
-        msg = f"the compiled module is not built in {PACKAGE_DIR}"
-        if (PACKAGE_DIR.parent / "setup.py").exists():
-            msg += (". This is an unbuilt source checkout: build it in place with "
-                    "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` (`make build`)")
-            others = _installed_copies()
-            if others:
-                msg += (f", or run from outside the checkout to use the installed copy ({others[0]}), which "
-                        "the checkout shadows because Python puts the current folder first on sys.path")
+        if not (PACKAGE_DIR.parent / "setup.py").exists():
+            return f"it is not built in {PACKAGE_DIR}"
+        msg = f"plastic_ops was imported from an unbuilt source checkout ({PACKAGE_DIR})"
+        others = _installed_copies()
+        if others:
+            msg += (f", which hides the installed copy ({others[0]}) because Python puts the current folder "
+                    "first on sys.path: run from another folder to use that copy, or build the checkout in place")
         return msg
     if built and built.get("torch") != torch.__version__:
-        return (f"it was built against torch {built['torch']} but torch {torch.__version__} is running "
-                f"({exc}); {_rebuild_hint()}")
+        return f"it was built against torch {built['torch']} but torch {torch.__version__} is running ({exc})"
     if "undefined symbol" in str(exc):
-        return f"it was built against another torch than the running {torch.__version__} ({exc}); {_rebuild_hint()}"
+        return f"it was built against another torch than the running {torch.__version__} ({exc})"
     return str(exc)
 
 
@@ -78,18 +75,22 @@ def load() -> bool:
     built = build_info()
     if built and _release(built.get("torch", "")) != _release(torch.__version__):
         # another release's C++ ABI: loading could crash instead of failing cleanly
-        _error = ImportError(f"it was built against torch {built['torch']} but torch {torch.__version__} is "
-                             f"running; {_rebuild_hint()}")
+        _error = ImportError(f"it was built against torch {built['torch']} but torch {torch.__version__} is running")
+        warnings.warn(f"plastic_ops: the compiled extension cannot be used: {_error}. {BUILD_HINT}.",
+                      RuntimeWarning, stacklevel=2)
         return False
     try:
         importlib.import_module("plastic_ops._C")
     except ImportError as exc:  # the reference still works, the fused op says why it can't
         _error = ImportError(_explain(exc))
         _error.__cause__ = exc
+        if any(PACKAGE_DIR.glob("_C*")) or _installed_copies():  # a broken or shadowed install: say so now
+            warnings.warn(f"plastic_ops: the compiled extension cannot be used: {_error}. {BUILD_HINT}.",
+                          RuntimeWarning, stacklevel=2)
         return False
     if built and built.get("torch") != torch.__version__:
         warnings.warn(f"plastic_ops was built against torch {built['torch']} but torch {torch.__version__} is "
-                      f"running: if the op misbehaves, {_rebuild_hint()}", RuntimeWarning, stacklevel=2)
+                      f"running; if the op misbehaves, rebuild it. {BUILD_HINT}.", RuntimeWarning, stacklevel=2)
     return True
 
 
@@ -106,5 +107,4 @@ def require() -> None:
     if _error is not None:
         raise RuntimeError(
             f"plastic_ops: the compiled extension is not available, so the fused op cannot run: {_error}. "
-            "Build it with `pip install --no-build-isolation .` or `python setup.py build_ext --inplace` "
-            "(see README.md), or use plastic_ops.reference.")
+            f"{BUILD_HINT}, or use plastic_ops.reference.")

@@ -85,6 +85,7 @@ def format_report(info: dict) -> str:
         lines.append("compiled extension: loaded")
     else:
         lines.append(f"compiled extension: NOT AVAILABLE: {info['extension_error']}")
+        lines.append(f"  {_extension.BUILD_HINT}.")
     if built is None:
         lines.append("build: unknown (no _build_info.json beside the compiled module)")
     else:
