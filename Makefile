@@ -42,24 +42,10 @@ sdist: $(VENV)/.installed
 	rm -rf dist/plastic_ops-*.tar.gz
 	PLASTIC_OPS_CPU_ONLY=1 $(PY) setup.py -q sdist -d dist
 
-# Installs dist/'s sdist the way README.md says (--no-build-isolation) into a fresh virtual environment
-# and runs .ci/smoke_installed.py from outside the source tree. The fresh environment sees $(VENV)'s
-# packages through a .pth file: it gets the pinned torch (and setuptools, wheel, ninja) without a
-# second multi-GB install, while plastic_ops itself is installed into it alone (.pth folders are
-# appended to sys.path, after the environment's own site-packages, and their own .pth files are
-# not run, so nothing installed in $(VENV) can stand in for it). SDIST_CHECK_CUDA=1 keeps the CUDA
-# kernels in that build (slow); by default it is CPU-only.
-SDIST_CHECK_DIR ?= $(CURDIR)/build/sdist-check
+# The sdist installed with --no-build-isolation into a fresh virtual environment, smoke-tested
+# outside the source tree (how, and why the environment reuses $(VENV)'s torch: .ci/sdist_check.sh).
 sdist-check: sdist
-	rm -rf $(SDIST_CHECK_DIR) && mkdir -p $(SDIST_CHECK_DIR)/src
-	$(PYTHON) -m venv --without-pip $(SDIST_CHECK_DIR)/venv
-	$(PY) -c 'import site, sys; print(site.getsitepackages()[0])' > \
-	  "$$($(SDIST_CHECK_DIR)/venv/bin/python -c 'import site; print(site.getsitepackages()[0])')/_reuse_venv.pth"
-	tar xzf dist/plastic_ops-*.tar.gz -C $(SDIST_CHECK_DIR)/src
-	cd $(SDIST_CHECK_DIR)/src/plastic_ops-* && \
-	  PLASTIC_OPS_CPU_ONLY=$(if $(filter 1,$(SDIST_CHECK_CUDA)),0,1) \
-	  $(SDIST_CHECK_DIR)/venv/bin/python -m pip install -q --no-build-isolation .
-	cd $(SDIST_CHECK_DIR) && venv/bin/python $(CURDIR)/.ci/smoke_installed.py $(CURDIR)
+	bash .ci/sdist_check.sh $(PY)
 
 clean:
 	rm -rf build dist plastic_ops/_C*.so plastic_ops/_build_info.json *.egg-info

@@ -16,7 +16,8 @@ from plastic_ops import info, reference
 source_tree = os.path.realpath(sys.argv[1]) if len(sys.argv) > 1 else None
 where = os.path.realpath(plastic_ops.__file__)
 print(info.format_report(info.collect()))
-assert source_tree is None or not where.startswith(source_tree + os.sep), f"imported the source tree: {where}"
+checkout_package = os.path.join(source_tree, "plastic_ops") if source_tree else None
+assert os.path.dirname(where) != checkout_package, f"imported the source tree: {where}"
 assert plastic_ops.extension_available(), "the installed compiled extension does not load"
 runtime = [r for r in importlib.metadata.requires("plastic_ops") or [] if "extra ==" not in r]
 assert [r.replace(" ", "") for r in runtime] == ["torch>=2.4"], f"runtime requirements: {runtime}"
