@@ -35,7 +35,7 @@ def _release(version: str) -> tuple:
     return (int(m.group(1)), int(m.group(2))) if m else ()
 
 
-BUILD_HINT = ("Build it for the running torch with `pip install --no-build-isolation .`, or in a source checkout "
+BUILD_HINT = ("(Re)build it for the running torch with `pip install --no-build-isolation .`, or in a source checkout "
               "with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` (README.md)")
 
 
