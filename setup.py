@@ -92,11 +92,10 @@ def cuda_plan():
 BUILD_CUDA, NO_CUDA_REASON, TOOLKIT = cuda_plan()
 
 
-def arch_list():
-    """TORCH_CUDA_ARCH_LIST when set; else the visible GPUs' (torch's default); else DEFAULT_ARCH_LIST."""
+def set_default_arch_list():
+    """TORCH_CUDA_ARCH_LIST wins; else torch compiles for the visible GPUs; without one, DEFAULT_ARCH_LIST."""
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-    return os.environ.get("TORCH_CUDA_ARCH_LIST")
 
 
 def cuda_include_dirs():
@@ -124,7 +123,7 @@ def extension():
     cxx = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     link = ["-fopenmp"]
     if BUILD_CUDA:
-        arch_list()
+        set_default_arch_list()
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(
             "plastic_ops._C", sources,

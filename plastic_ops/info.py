@@ -24,7 +24,7 @@ def _architectures(flags: list) -> list:
         m = re.search(r",code=\[?([\w,]+)\]?", flag)
         for code in (m.group(1).split(",") if m else []):
             out.append(f"{code} (PTX)" if code.startswith("compute_") else code)
-    return out
+    return sorted(out, key=lambda a: (a.endswith("(PTX)"), a))
 
 
 def _runs_on(capability: tuple, archs: list) -> str:

@@ -33,7 +33,7 @@ def test_architectures_and_which_gpus_they_run_on():
     flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_86,code=sm_86",
              "-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_90,code=sm_90"]
     archs = info._architectures(flags)
-    assert archs == ["sm_80", "sm_86", "compute_90 (PTX)", "sm_90"]
+    assert archs == ["sm_80", "sm_86", "sm_90", "compute_90 (PTX)"]
     assert info._runs_on((8, 0), archs) == "yes (sm_80 code)"
     assert info._runs_on((8, 9), archs) == "yes (sm_86 code)"  # same major, the highest minor not above it
     assert info._runs_on((9, 0), archs) == "yes (sm_90 code)"
