@@ -160,8 +160,8 @@ def build_info():
 class BuildWithInfo(BuildExtension):
     """torch's BuildExtension, which also writes the build info, and rebuilds when it changed.
 
-    setuptools skips a module that is newer than its sources, even when it was built for another
-    torch or without the CUDA kernels; a changed build info forces the rebuild.
+    Without ninja, setuptools skips a module that is newer than its sources, even one built for
+    another torch or without the CUDA kernels; a changed build info forces the rebuild.
     """
 
     def run(self):
