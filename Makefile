@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:
 #   make demo   virtual environment + build + a short pattern-memorization training on the CPU
 #   make test   virtual environment + build + the test suite
+# and for packaging:
+#   make sdist-check   the source distribution, installed into a fresh virtual environment, smoke-tested
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,17 +13,20 @@ ifeq ($(origin CUDA_HOME), undefined)
     export CUDA_HOME := /usr/local/cuda
   endif
 endif
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-.PHONY: demo test build bench clean
+.PHONY: demo test build bench sdist sdist-check info clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# In place: `python -m experiments...`, pytest and the benchmarks run from this folder.
 build: $(VENV)/.installed
 	$(PY) setup.py -q build_ext --inplace
+
+info: build
+	$(PY) -m plastic_ops.info
 
 demo: build
 	$(PY) -m experiments.demo
@@ -32,5 +37,15 @@ test: build
 bench: build
 	$(PY) -m benchmarks.compare --device cpu --headline --out results/bench_headline
 
+# The sdist is made from a CPU-only configuration on purpose: it must still ship csrc/cuda.
+sdist: $(VENV)/.installed
+	rm -rf dist/plastic_ops-*.tar.gz
+	PLASTIC_OPS_CPU_ONLY=1 $(PY) setup.py -q sdist -d dist
+
+# The sdist installed with --no-build-isolation into a fresh virtual environment, smoke-tested
+# outside the source tree (how, and why the environment reuses $(VENV)'s torch: .ci/sdist_check.sh).
+sdist-check: sdist
+	bash .ci/sdist_check.sh $(PY)
+
 clean:
-	rm -rf build plastic_ops/_C*.so *.egg-info
+	rm -rf build dist plastic_ops/_C*.so plastic_ops/_build_info.json *.egg-info

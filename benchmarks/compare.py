@@ -553,10 +553,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cases = build_cases(a)
     order = {c: i for i, c in enumerate(cases)}
-    from tqdm import tqdm
+    from experiments.common.progress import progress_bar
     results = []
     env = None
-    with tqdm(total=len(cases), desc="cases", unit="case", dynamic_ncols=True) as bar:
+    with progress_bar(total=len(cases), desc="cases", unit="case") as bar:
         runner = ChildRunner(out, a.threads, bar)
         for group in group_cases(cases, a):
             bar.set_description(group[0].label + (f" (+{len(group) - 1})" if len(group) > 1 else ""))

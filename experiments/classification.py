@@ -123,7 +123,7 @@ class Classifier(nn.Module):
 
 def load_data(args):
     """(train_x, train_y, test_x, test_y) on the CPU, MNIST-like float32 (N, 1, 28, 28) in [0, 1]."""
-    from plastic_ops import data
+    from experiments.common import data
 
     if args.synthetic:
         n_train = args.train_limit or 600
@@ -320,8 +320,8 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
 
 
 def _bar(args, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(disable=args.no_progress, dynamic_ncols=True, leave=False, **kw)
+    from experiments.common.progress import progress_bar
+    return progress_bar(disable=args.no_progress, leave=False, **kw)
 
 
 def _postfix(loss, results):

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plastic_ops  # noqa: E402
-from plastic_ops.data import DATASETS, load_dataset, resolve_data_root, synthetic_dataset  # noqa: E402
+from experiments.common.data import DATASETS, load_dataset, resolve_data_root, synthetic_dataset  # noqa: E402
 from plastic_ops.nn import PlasticLinear  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
                                 pick_device, set_seed)
+from experiments.common.progress import progress_bar  # noqa: E402
 
 MODELS = ("plastic", "baseline")
 PROTOCOLS = ("recall", "denoise")
@@ -268,8 +268,8 @@ def pretrain(dataset: str, train_x, args, cfg: dict, device, run_dir: Path) -> d
     levels = torch.tensor([0.0] + list(args.sigmas))  # clean images too: the episodes show them
     bs = cfg["pretrain_batch"]
     model.train()
-    for _ in tqdm(range(cfg["pretrain_steps"]), desc=f"{dataset}/pretrain", unit="step", disable=args.quiet,
-                  dynamic_ncols=True):
+    for _ in progress_bar(range(cfg["pretrain_steps"]), desc=f"{dataset}/pretrain", unit="step",
+                          disable=args.quiet):
         x = train_x[torch.randint(len(train_x), (bs,), generator=gen)]
         sigma = levels[torch.randint(len(levels), (bs,), generator=gen)]
         noisy = x + sigma[:, None, None, None] * torch.randn(x.shape, generator=gen)
@@ -327,8 +327,7 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
     sigmas = torch.tensor(args.sigmas, dtype=torch.float32)
     model.train()
     with ckpt.catch_interrupt():
-        bar = tqdm(total=total, initial=step, desc=f"{dataset}/{name}", unit="step", disable=args.quiet,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=step, desc=f"{dataset}/{name}", unit="step", disable=args.quiet)
         t0 = time.perf_counter()
         while step < total:
             B = cfg["batch_size"]

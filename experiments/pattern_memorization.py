@@ -32,7 +32,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: make `experiments` and `plastic_ops` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: make `experiments` and `plastic_
 import plastic_ops  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
                                 pick_device, set_seed)
+from experiments.common.progress import progress_bar  # noqa: E402
 from plastic_ops.nn import PlasticRNN  # noqa: E402
 
 # Fields of the command line that define a run: --resume refuses a checkpoint made with others.
@@ -231,9 +231,9 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir):
         return {"run": run_fields(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": gen.get_state(), "history": history, "step": step, "elapsed": elapsed}
 
-    bar = tqdm(total=total_steps * args.batch_size, initial=step * args.batch_size, unit="ep",
-               desc=f"{args.model}/{args.impl if args.model != 'lstm' else 'torch'}", disable=args.no_progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total_steps * args.batch_size, initial=step * args.batch_size, unit="ep",
+                       desc=f"{args.model}/{args.impl if args.model != 'lstm' else 'torch'}",
+                       disable=args.no_progress)
     tail = max(1, 50 // args.batch_size)  # a resumed bar goes on from the running averages it showed
     run_loss = float(np.mean(history["loss"][-tail:])) if history["loss"] else None
     run_err = float(np.mean(history["bit_error"][-tail:])) if history["bit_error"] else None

@@ -1,4 +1,4 @@
-"""plastic_ops.data on small synthetic IDX files: no real data set and no network needed."""
+"""experiments.common.data on small synthetic IDX files: no real data set and no network needed."""
 from __future__ import annotations
 
 import stat
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from plastic_ops import data
+from experiments.common import data
 
 
 N_TRAIN, N_TEST = 7, 3
