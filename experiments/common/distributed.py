@@ -79,10 +79,6 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def info(self, per_process_batch) -> dict:
-        """What metrics.json records about the job."""
-        return {"world_size": self.world_size, "backend": self.backend, "per_process_batch": per_process_batch}
-
     # ----------------------------------------------------------------------------------- data and model
 
     def check_divisible(self, value: int, flag: str) -> None:
@@ -116,7 +112,8 @@ class Distributed:
 
     def sum(self, values) -> list[float]:
         """Sums over all processes of a few numbers (floats or 0-dim tensors), in float64, one all-reduce."""
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu() for v in values])
+        t = torch.stack([v.detach().reshape(()).to("cpu", torch.float64) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=torch.float64) for v in values])
         if self.enabled:
             t = t.to(self.device)  # NCCL reduces device tensors only
             tdist.all_reduce(t)
@@ -133,10 +130,6 @@ class Distributed:
         box = [obj if self.is_main else None]
         tdist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
-
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
 
     @contextlib.contextmanager
     def scope(self):
