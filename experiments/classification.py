@@ -18,6 +18,7 @@ test set in order with the trace never reset.
 
     python -m experiments.classification --protocol batched --data-root /path/to/data
     python -m experiments.classification --protocol paper --epochs 250 --eval-subset 0   # full paper protocol
+    torchrun --standalone --nproc-per-node 2 -m experiments.classification --protocol batched  # 2 processes
 
 Outputs in --out: metrics.json, table.md, curves_<protocol>.png, model_<protocol>_<model>.pt, checkpoint.pt.
 Docs and measured results: docs/experiments/classification.md.
@@ -35,11 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # the experiments are meant to be run as `python -m experiments.classification` from the repo root
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, pick_device, set_seed
+    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
 except ImportError:  # `python experiments/classification.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, pick_device, set_seed
+    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
 
+from experiments.common.distributed import Distributed
 import plastic_ops
 from plastic_ops.nn import PlasticLinear
 
@@ -198,11 +200,13 @@ def learning_rate(args, step: int, total: int) -> float:
 class Run:
     """One (protocol, model) training run: its model, optimizer, history and clock, checkpointable."""
 
-    def __init__(self, args, protocol, model_name, device):
+    def __init__(self, args, protocol, model_name, device, dist: Distributed | None = None):
         self.protocol, self.name, self.device = protocol, model_name, device
+        self.dist = dist or Distributed()
         set_seed(args.seed)
         self.model = Classifier(model_name == "plastic", tuple(args.channels), args.hidden, eta=args.eta,
                                 alpha=args.alpha, impl=args.impl).to(device)
+        self.net = self.dist.wrap(self.model)  # trains through DDP under torchrun; states are the plain model's
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         self.step = 0  # paper: epochs done; batched: optimizer steps done
         self.history = {"epoch": [], "train_loss": [], "test": {}}
@@ -223,15 +227,32 @@ class Run:
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
 
     def train_step(self, images, labels, lr) -> float:
-        """images (T, B, 1, 28, 28), labels (T, B): one optimizer step on the mean loss of all T * B images."""
+        """images (T, B, 1, 28, 28), labels (T, B): one optimizer step on the mean loss of all T * B images.
+
+        Under torchrun every process gets the whole (T, B) batch, trains on its share of the streams and
+        returns the mean loss of the whole batch.
+        """
         for group in self.opt.param_groups:
             group["lr"] = lr
-        logp, _ = self.model(images.to(self.device))
+        dist, B = self.dist, images.shape[1]
+        if dist.enabled:
+            mine = dist.shard(B)
+            # DDP averages the processes' gradients: weighting each local mean by its share of the streams
+            # makes that average the gradient of the global mean, also when B does not divide evenly (the
+            # last step of an epoch). A process without a stream runs one with weight 0: DDP needs every
+            # process in every step.
+            weight = len(mine) * dist.world_size / B
+            if not len(mine):
+                mine = torch.zeros(1, dtype=torch.long)
+            images, labels = images[:, mine], labels[:, mine]
+        logp, _ = self.net(images.to(self.device))
         loss = F.nll_loss(logp.reshape(-1, NUM_CLASSES), labels.to(self.device).reshape(-1))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if dist.enabled else loss).backward()
         self.opt.step()
         self.model.project()
+        if dist.enabled:  # the global mean: local means weighted by the local share of the streams
+            return dist.sum([loss.detach() * weight])[0] / dist.world_size
         return loss.item()
 
     def record(self, epoch, train_loss, results) -> None:
@@ -243,11 +264,16 @@ class Run:
             entry["acc"].append(acc)
 
 
-def _tick(ckpt, save, stop_after, counter) -> None:
-    """After each unit of work: honour Ctrl-C (or the hidden --stop-after) by saving and stopping."""
+def _tick(ckpt, save, stop_after, counter, dist: Distributed | None = None) -> None:
+    """After each unit of work: honour Ctrl-C (or the hidden --stop-after) by saving and stopping.
+
+    Under torchrun a Ctrl-C seen by any process stops them all at the same step (one alone would hang).
+    """
     counter[0] += 1
-    if ckpt.stop_requested or (stop_after and counter[0] >= stop_after):
-        save()
+    requested = dist.any(ckpt.stop_requested) if dist is not None and dist.enabled else ckpt.stop_requested
+    if requested or (stop_after and counter[0] >= stop_after):
+        if dist is None or dist.is_main:  # only rank 0 writes
+            save()
         raise StopRequested
 
 
@@ -303,7 +329,7 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
         run.train_seconds += time.perf_counter() - t0
         run.step += 1
         bar.update(1)
-        if run.step % steps_per_epoch == 0:
+        if run.step % steps_per_epoch == 0 and run.dist.is_main:  # rank 0 alone tests and records
             t1 = time.perf_counter()
             results = evaluate(run.model, eval_x, eval_y, run.device, T, args.plastic_test)
             run.eval_seconds += time.perf_counter() - t1
@@ -314,8 +340,9 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
         elif len(chunk):
             bar.set_postfix(loss=f"{loss:.3f}")
         run.cpu_seconds += time.process_time() - c0
-        ckpt.maybe_save(run.step, make_state)
-        _tick(ckpt, save, args.stop_after, counter)
+        if run.dist.is_main:
+            ckpt.maybe_save(run.step, make_state)
+        _tick(ckpt, save, args.stop_after, counter, run.dist)
     bar.close()
 
 
@@ -487,17 +514,31 @@ def protocol_args(args, protocol):
 
 
 def main(argv=None) -> dict:
+    """Train, test, write the results; returns the metrics. Under torchrun (WORLD_SIZE > 1) the batched
+    protocol's streams are shared by the processes; rank 0 alone tests and writes, the others return
+    {"rank": rank}."""
     args = parse_args(argv)
-    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dist, device = Distributed.from_env(args.device)
+    with dist.scope():
+        if dist.enabled:
+            if "paper" in args.protocols:
+                raise SystemExit("error: the paper protocol trains a single stream (B = 1), which cannot be "
+                                 "shared by several processes: run it without torchrun, or use --protocol batched")
+            dist.check_divisible(args.streams, "--streams")
+            args.no_progress = args.no_progress or not dist.is_main  # one progress bar, rank 0's
+        return run_all(args, argv, dist, device)
+
+
+def run_all(args, argv, dist: Distributed, device) -> dict:
     out = ResultsDir(args.out)
     config = {k: getattr(args, k) for k in RESULT_KEYS}
     config["channels"] = list(config["channels"])
 
     ckpt = CheckpointManager(out.file("checkpoint.pt"), every=1)
-    state = ckpt.load() if args.resume else None
-    if args.resume and state is None:
+    state = dist.broadcast(ckpt.load() if args.resume and dist.is_main else None)  # read once, by rank 0
+    if args.resume and state is None and dist.is_main:
         print(f"--resume: no checkpoint in {out.path}, starting from scratch", file=sys.stderr)
     if state is not None:
         diff = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
@@ -526,13 +567,14 @@ def main(argv=None) -> dict:
                     key = f"{protocol}/{name}"
                     if key in done:
                         continue
-                    run = Run(pa, protocol, name, device)
+                    run = Run(pa, protocol, name, device, dist)
                     current = state.get("current") if state else None
                     if current and current["protocol"] == protocol and current["name"] == name:
                         run.load(current)
                         state["current"] = None
-                        print(f"resuming {key} at {'epoch' if protocol == 'paper' else 'step'} {run.step}",
-                              file=sys.stderr)
+                        if dist.is_main:
+                            print(f"resuming {key} at {'epoch' if protocol == 'paper' else 'step'} {run.step}",
+                                  file=sys.stderr)
 
                     def save(run=run):
                         ckpt.save(make_state(run))
@@ -543,6 +585,8 @@ def main(argv=None) -> dict:
                     ckpt.every = pa.checkpoint_every
                     train = train_paper if protocol == "paper" else train_batched
                     train(run, pa, data, ckpt, save, make_state, counter)
+                    if not dist.is_main:  # rank 0 alone tests and writes
+                        continue
                     t0, c0 = time.perf_counter(), time.process_time()
                     T = pa.paper_images if protocol == "paper" else pa.seq_len
                     final = evaluate(run.model, test_x, test_y, device, T, args.plastic_test)
@@ -557,8 +601,12 @@ def main(argv=None) -> dict:
             stopped = True
 
     if stopped:
-        print(f"stopped; continue with the same command plus --resume (checkpoint: {ckpt.path})", file=sys.stderr)
+        if dist.is_main:
+            print(f"stopped; continue with the same command plus --resume (checkpoint: {ckpt.path})",
+                  file=sys.stderr)
         return {"stopped": True, "checkpoint": str(ckpt.path)}
+    if not dist.is_main:
+        return {"rank": dist.rank}
 
     results = {k: done[k] for k in done}
     table = write_table(results, out.file("table.md"), what)
@@ -568,6 +616,10 @@ def main(argv=None) -> dict:
     metrics = {"experiment": "classification", "command": " ".join(["python -m experiments.classification"]
                                                                      + (argv if argv is not None else sys.argv[1:])),
                "config": config, "impl": args.impl, "device": str(device),
+               # streams per optimizer step in each process (of T images each; the paper protocol has one)
+               "world_size": dist.world_size,
+               "per_process_batch": {p: 1 if p == "paper" else args.streams // dist.world_size
+                                     for p in args.protocols},
                "data": {"dataset": "synthetic" if args.synthetic else args.dataset,
                         "train_images": len(train_x), "test_images": len(test_x)},
                "protocols": what,

@@ -25,6 +25,7 @@ Test protocols, on test images never used in training, the same episodes for bot
     python experiments/denoising_autoencoder.py                       # default run, a few minutes on a CPU
     python experiments/denoising_autoencoder.py --full                # the long run
     python experiments/denoising_autoencoder.py --resume              # continue an interrupted run
+    torchrun --standalone --nproc-per-node 2 experiments/denoising_autoencoder.py   # 2 processes
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ import plastic_ops  # noqa: E402
 from experiments.common.data import DATASETS, load_dataset, resolve_data_root, synthetic_dataset  # noqa: E402
 from plastic_ops.nn import PlasticLinear  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
-                                pick_device, set_seed)
+                                set_seed)
 from experiments.common.progress import progress_bar  # noqa: E402
+from experiments.common.distributed import Distributed, sync_batchnorm  # noqa: E402
 
 MODELS = ("plastic", "baseline")
 PROTOCOLS = ("recall", "denoise")
@@ -246,23 +248,41 @@ def model_config(args) -> dict:
                 code_alpha_init=args.code_alpha_init, eta_init=args.eta_init, alpha_shape=args.alpha_shape)
 
 
-def pretrain(dataset: str, train_x, args, cfg: dict, device, run_dir: Path) -> dict:
+class _PretrainAE(nn.Module):
+    """The encoder and decoder alone (what pretraining trains), as one module DDP can wrap."""
+
+    def __init__(self, model: DenoisingAE):
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def forward(self, x):
+        return torch.sigmoid(self.decoder(torch.tanh(self.encoder(x))))
+
+
+def pretrain(dataset: str, train_x, args, cfg: dict, device, run_dir: Path, dist: Distributed | None = None) -> dict:
     """Pretrain the shared conv autoencoder on single noisy images; returns its encoder/decoder state.
 
     Episodes cost T frames and a B x 784 x 784 trace per stream; single images cost one cheap conv pass.
     The trace can only recall what the decoder produced for the clean images, so it helps only once the
     autoencoder reconstructs clean images better than noisy ones: both variants start from this same
     pretrained autoencoder (with the identity linear layers and alpha = 0), then train on episodes.
-    The state is saved, so --resume (or a second variant) does not repeat it."""
+    The state is saved, so --resume (or a second variant) does not repeat it. Under torchrun each process
+    trains on its share of every global batch (batch norm over the global batch), and rank 0 saves."""
+    dist = dist or Distributed()
     path = run_dir / "checkpoints" / f"{dataset}-pretrain.pt"
     key = {"model": model_config(args), "steps": cfg["pretrain_steps"], "data": dataset, "seed": args.seed}
-    if path.exists():
+    cached = None
+    if dist.is_main and path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["key"] == key:
-            return state["ae"]
+            cached = state["ae"]
+    cached = dist.broadcast(cached)  # rank 0's file decides for every process
+    if cached is not None:
+        return cached
     set_seed(args.seed)
-    model = DenoisingAE(False, **model_config(args)).to(device)
+    model = sync_batchnorm(DenoisingAE(False, **model_config(args)), dist).to(device)
     ae = nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
+    net = dist.wrap(_PretrainAE(model)) if dist.enabled else None
     opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     levels = torch.tensor([0.0] + list(args.sigmas))  # clean images too: the episodes show them
@@ -273,25 +293,38 @@ def pretrain(dataset: str, train_x, args, cfg: dict, device, run_dir: Path) -> d
         x = train_x[torch.randint(len(train_x), (bs,), generator=gen)]
         sigma = levels[torch.randint(len(levels), (bs,), generator=gen)]
         noisy = x + sigma[:, None, None, None] * torch.randn(x.shape, generator=gen)
-        out = torch.sigmoid(model.decoder(torch.tanh(model.encoder(noisy.to(device)))))
+        if net is None:
+            out = torch.sigmoid(model.decoder(torch.tanh(model.encoder(noisy.to(device)))))
+        else:  # the global batch drawn above, the same on every process: train on this process's share
+            mine = dist.shard(bs)
+            x = x[mine]
+            out = net(noisy[mine].to(device))
         loss = (out - x.to(device)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    last = dist.sum([loss])[0] / dist.world_size if dist.enabled else loss.item()  # equal shares: mean of means
     print(f"[{dataset}] pretrained the autoencoder for {cfg['pretrain_steps']} steps, last batch MSE "
-          f"{loss.item():.4f}", flush=True)
+          f"{last:.4f}", flush=True)
     state = {k: v.detach().cpu().clone() for k, v in ae.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "ae": state}, path)
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "ae": state}, path)
     return state
 
 
 def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device, run_dir: Path,
-              pretrained: dict | None = None):
-    """Train one variant on one data set, with checkpoints and resume; returns (model, train record)."""
+              pretrained: dict | None = None, dist: Distributed | None = None):
+    """Train one variant on one data set, with checkpoints and resume; returns (model, train record).
+
+    Under torchrun every process draws the same global batch of episodes and trains on its share (batch
+    norm over the global batch, gradients averaged by DDP); the logged losses are the global batch's;
+    rank 0 alone validates and writes the checkpoint.
+    """
+    dist = dist or Distributed()
     plastic = name == "plastic"
     set_seed(args.seed)
-    model = DenoisingAE(plastic, impl=args.impl, **model_config(args)).to(device)
+    model = sync_batchnorm(DenoisingAE(plastic, impl=args.impl, **model_config(args)), dist).to(device)
     if pretrained is not None:
         nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder}).load_state_dict(pretrained)
     model.set_pixel_mean(train_x.mean(dim=0).to(device))
@@ -304,7 +337,7 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
     identity = {"model": model_config(args), "episode": {key: cfg[key] for key in ("k", "t_ns", "t_zs")},
                 "data": dataset, "pretrain_steps": cfg["pretrain_steps"]}
     if args.resume:
-        state = ckpt.load()
+        state = dist.broadcast(ckpt.load() if dist.is_main else None)  # read once, by rank 0
         if state is not None:
             if state["identity"] != identity:
                 raise SystemExit(f"--resume: {ckpt.path} was made with {state['identity']}, not {identity}; "
@@ -318,6 +351,8 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
         else:
             print(f"[{dataset}/{name}] --resume: no checkpoint at {ckpt.path}, starting afresh", flush=True)
     model.set_impl(args.impl)  # the implementation is not part of the state: a run may switch it
+    net = dist.wrap(model)
+    mine = dist.shard(cfg["batch_size"]) if dist.enabled else None
 
     def state():
         return {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
@@ -335,9 +370,16 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
             sigma = sigmas[torch.randint(len(sigmas), (B,), generator=gen)]
             recall = torch.rand(B, generator=gen) < args.train_recall_frac
             frames, targets, _, _ = make_episodes(train_x, B, cfg["k"], cfg["t_ns"], cfg["t_zs"], sigma, recall, gen)
-            y = model(frames.to(device))
+            if mine is not None:  # the global batch, the same on every process: this process's episodes
+                frames, targets = frames[:, mine], targets[:, mine]
+            y = net(frames.to(device))
             loss, final = episode_loss(y, targets.to(device), args.recon_weight)
-            if not torch.isfinite(loss):
+            if dist.enabled:  # equal shares: the global means are the means of the local ones
+                loss_s, final_s, stops = dist.sum([loss, final, float(ckpt.stop_requested)])
+                loss_v, final_v = loss_s / dist.world_size, final_s / dist.world_size
+            else:
+                loss_v, final_v = loss.item(), final.item()
+            if not np.isfinite(loss_v):
                 raise FloatingPointError(f"[{dataset}/{name}] non-finite loss at step {step}; try a lower "
                                          "--lr or --alpha-init")
             opt.zero_grad(set_to_none=True)
@@ -345,11 +387,11 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
             opt.step()
             model.clamp_eta()
             step += 1
-            rec["loss"].append(loss.item())
-            rec["final_mse"].append(final.item())
+            rec["loss"].append(loss_v)
+            rec["final_mse"].append(final_v)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", last=f"{final.item():.4f}")
-            if step % cfg["steps_per_epoch"] == 0:
+            bar.set_postfix(loss=f"{loss_v:.4f}", last=f"{final_v:.4f}")
+            if step % cfg["steps_per_epoch"] == 0 and dist.is_main:  # rank 0 alone validates and writes
                 epoch_elapsed += time.perf_counter() - t0
                 rec["epoch_seconds"].append(epoch_elapsed)
                 epoch_elapsed = 0.0
@@ -361,9 +403,11 @@ def train_one(name: str, dataset: str, train_x, test_x, cfg: dict, args, device,
                           f"denoise {val['denoise']:.4f}")
                 ckpt.save(state())
                 t0 = time.perf_counter()
-            if ckpt.stop_requested:
+            # under torchrun the processes stop on the step they agreed on, never one alone (it would hang)
+            if (stops > 0) if dist.enabled else ckpt.stop_requested:
                 epoch_elapsed += time.perf_counter() - t0
-                ckpt.save(state())
+                if dist.is_main:
+                    ckpt.save(state())
                 bar.close()
                 raise StopRequested(str(ckpt.path))
         bar.close()
@@ -518,7 +562,15 @@ def load(dataset: str, args):
 
 
 def main(argv=None) -> dict:
+    """Train, test, write the results; returns the metrics. Under torchrun (WORLD_SIZE > 1) the processes
+    share every batch of episodes; rank 0 alone tests and writes, the others return {"rank": rank}."""
     args = build_parser().parse_args(argv)
+    dist, device = Distributed.from_env(args.device)
+    with dist.scope():
+        return run(args, argv, dist, device)
+
+
+def run(args, argv, dist: Distributed, device) -> dict:
     cfg = episode_config(args)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -533,18 +585,23 @@ def main(argv=None) -> dict:
                          "built; build it (see README.md) or pass --impl reference")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    dist.check_divisible(cfg["batch_size"], "--batch-size")
+    if cfg["pretrain_steps"] > 0:
+        dist.check_divisible(cfg["pretrain_batch"], "--pretrain-batch")
+    args.quiet = args.quiet or not dist.is_main  # one set of progress bars, rank 0's
     out = ResultsDir(args.out)
     T = cfg["k"] * (cfg["t_ns"] + cfg["t_zs"]) + 1
     print(f"episodes: k={cfg['k']} images x ({cfg['t_ns']} shown + {cfg['t_zs']} zero) + 1 noisy = {T} steps, "
           f"batch {cfg['batch_size']}; {cfg['epochs']} epochs x {cfg['steps_per_epoch']} steps; impl={args.impl}, "
-          f"device={device}, threads={torch.get_num_threads()}", flush=True)
+          f"device={device}, threads={torch.get_num_threads()}"
+          + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""), flush=True)
     metrics = {"config": {**cfg, "T": T, "sigmas": args.sigmas, "impl": args.impl, "device": str(device),
                           "datasets": datasets, "models": models, "full": args.full, "seed": args.seed,
                           "lr": args.lr, "train_recall_frac": args.train_recall_frac,
                           "recon_weight": args.recon_weight, "synthetic": args.synthetic,
                           "data_root": None if args.synthetic else str(resolve_data_root(args.data_root)),
                           "argv": sys.argv[1:] if argv is None else list(argv), **model_config(args)},
+               "world_size": dist.world_size, "per_process_batch": cfg["batch_size"] // dist.world_size,
                "datasets": {}}
     records = {}
     try:
@@ -552,9 +609,11 @@ def main(argv=None) -> dict:
             train_x, test_x = load(ds, args)
             entry = {"n_train": len(train_x), "n_test": len(test_x), "models": {}, "noisy_input": {}}
             trained = {}
-            pre = pretrain(ds, train_x, args, cfg, device, out.path) if cfg["pretrain_steps"] > 0 else None
+            pre = pretrain(ds, train_x, args, cfg, device, out.path, dist) if cfg["pretrain_steps"] > 0 else None
             for name in models:
-                model, rec = train_one(name, ds, train_x, test_x, cfg, args, device, out.path, pre)
+                model, rec = train_one(name, ds, train_x, test_x, cfg, args, device, out.path, pre, dist)
+                if not dist.is_main:  # rank 0 alone tests and writes
+                    continue
                 trained[name] = model
                 test = {}
                 for p in PROTOCOLS:
@@ -577,6 +636,8 @@ def main(argv=None) -> dict:
                 records.setdefault(ds, {})[name] = rec
                 print(f"[{ds}/{name}] test MSE " + ", ".join(
                     f"{p} s={s}: {test[p][s]['mse']:.4f}" for p in PROTOCOLS for s in test[p]), flush=True)
+            if not dist.is_main:
+                continue
             metrics["datasets"][ds] = entry
             samples = {}
             for p in PROTOCOLS:
@@ -592,6 +653,8 @@ def main(argv=None) -> dict:
     except StopRequested as exc:
         print(f"Stopped; the checkpoint is in {exc}. Continue with the same command plus --resume.")
         raise SystemExit(130)
+    if not dist.is_main:
+        return {"rank": dist.rank}
     plot_curves(out.file("training_curves.png"), records)
     table = markdown_table(metrics)
     out.file("results.md").write_text(table + "\n")

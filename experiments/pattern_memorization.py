@@ -12,6 +12,7 @@ weights w, the plasticity coefficients alpha and the plasticity rate eta that ma
     python -m experiments.pattern_memorization --no-plastic          # alpha fixed at 0
     python -m experiments.pattern_memorization --lstm                # LSTM baseline
     python -m experiments.pattern_memorization --pattern-size 961 --corruption minus-one
+    torchrun --standalone --nproc-per-node 2 -m experiments.pattern_memorization --batch-size 8   # 2 processes
 
 Outputs (in --out): metrics.json, loss_curve.png, reconstruction.png, checkpoint.pt.
 See docs/experiments/pattern_memorization.md.
@@ -38,8 +39,9 @@ if __package__ in (None, ""):  # run as a file: make `experiments` and `plastic_
 
 import plastic_ops  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
-                                pick_device, set_seed)
+                                set_seed)
 from experiments.common.progress import progress_bar  # noqa: E402
+from experiments.common.distributed import Distributed  # noqa: E402
 from plastic_ops.nn import PlasticRNN  # noqa: E402
 
 # Fields of the command line that define a run: --resume refuses a checkpoint made with others.
@@ -203,15 +205,22 @@ def run_fields(args) -> dict:
     return {k: getattr(args, k) for k in RUN_FIELDS}
 
 
-def train(args, model, optimizer, cfg, device, results: ResultsDir):
-    """The training loop; returns (history, training seconds). Everything it needs is in the checkpoint."""
+def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distributed | None = None):
+    """The training loop; returns (history, training seconds). Everything it needs is in the checkpoint.
+
+    Under torchrun every process draws the same global batch and trains on its share of the episodes
+    (DDP averages the gradients); the logged loss and bit error are the global batch's means.
+    """
+    dist = dist or Distributed()
+    net = dist.wrap(model)  # forward/backward through DDP; the state dicts are the plain model's
+    mine = dist.shard(args.batch_size) if dist.enabled else None
     ckpt = CheckpointManager(results.file("checkpoint.pt"),
                              every=max(1, round(args.checkpoint_every / args.batch_size)))
     gen = torch.Generator().manual_seed(args.seed)
     history = {"episodes": [], "loss": [], "bit_error": []}
     step, elapsed = 0, 0.0
     if args.resume:
-        state = ckpt.load()
+        state = dist.broadcast(ckpt.load() if dist.is_main else None)  # read once, by rank 0
         if state is None:
             raise SystemExit(f"--resume: no checkpoint at {ckpt.path}")
         mismatch = {k: (v, state["run"].get(k)) for k, v in run_fields(args).items() if state["run"].get(k) != v}
@@ -240,13 +249,18 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir):
     with ckpt.catch_interrupt():
         while step < total_steps:
             t0 = time.perf_counter()
-            ep = make_episodes(args.batch_size, cfg, gen)
-            out = model(ep.inputs.to(device))
-            loss, err = episode_loss(out, ep.target.to(device))
+            ep = make_episodes(args.batch_size, cfg, gen)  # the global batch, the same on every process
+            inputs, target = (ep.inputs, ep.target) if mine is None else (ep.inputs[:, mine], ep.target[mine])
+            out = net(inputs.to(device))
+            loss, err = episode_loss(out, target.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.mean().backward()
             optimizer.step()
-            loss_v, err_v = loss.mean().item(), err.mean().item()  # .item() syncs, so the timing is honest
+            if dist.enabled:  # global means, and a Ctrl-C on any process stops all of them at this step
+                loss_s, err_s, stops = dist.sum([loss.sum(), err.sum(), float(ckpt.stop_requested)])
+                loss_v, err_v = loss_s / args.batch_size, err_s / args.batch_size
+            else:
+                loss_v, err_v = loss.mean().item(), err.mean().item()  # .item() syncs, so the timing is honest
             elapsed += time.perf_counter() - t0
             step += 1
             history["episodes"].append(step * args.batch_size)
@@ -258,13 +272,17 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir):
             run_err = err_v if run_err is None else (1 - k) * run_err + k * err_v
             bar.update(args.batch_size)
             bar.set_postfix(loss=f"{run_loss:.4f}", bit_err=f"{100 * run_err:.2f}%")
-            ckpt.maybe_save(step, make_state)
-            if ckpt.stop_requested:
-                ckpt.save(make_state())
+            if dist.is_main:  # only rank 0 writes
+                ckpt.maybe_save(step, make_state)
+            # under torchrun the processes stop on the step they agreed on, never one alone (it would hang)
+            if (stops > 0) if dist.enabled else ckpt.stop_requested:
+                if dist.is_main:
+                    ckpt.save(make_state())
                 bar.close()
                 raise StopRequested
     bar.close()
-    ckpt.save(make_state())  # the finished run: --resume with a larger --episodes continues it
+    if dist.is_main:
+        ckpt.save(make_state())  # the finished run: --resume with a larger --episodes continues it
     return history, elapsed
 
 
@@ -398,11 +416,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict | None:
-    """Train, test on held-out episodes, write figures and metrics.json. Returns the metrics (None on Ctrl-C)."""
+    """Train, test on held-out episodes, write figures and metrics.json. Returns the metrics (None on Ctrl-C).
+
+    Under torchrun (WORLD_SIZE > 1) the processes share the training; rank 0 alone then tests and writes,
+    and the other ranks return {"rank": rank} once training is done.
+    """
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    dist, device = Distributed.from_env(args.device)
+    with dist.scope():
+        dist.check_divisible(args.batch_size, "--batch-size")
+        if not dist.is_main:
+            args.no_progress = True  # one progress bar, rank 0's
+        return run(args, dist, device)
+
+
+def run(args, dist: Distributed, device) -> dict | None:
     if args.model != "lstm" and args.impl == "fused" and not plastic_ops.extension_available():
         raise SystemExit("--impl fused needs the compiled extension of plastic_ops, which is not available "
                          "(build it, see README.md), or run with --impl reference")
@@ -414,13 +444,16 @@ def main(argv=None) -> dict | None:
     optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=args.lr)
     impl = "torch" if args.model == "lstm" else args.impl
     print(f"{args.model} network, impl={impl}, {num_trainable(model):,} trained parameters, "
-          f"T={cfg.steps} steps per episode, batch {args.batch_size}, device {device}")
+          f"T={cfg.steps} steps per episode, batch {args.batch_size}, device {device}"
+          + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""))
 
     try:
-        history, elapsed = train(args, model, optimizer, cfg, device, results)
+        history, elapsed = train(args, model, optimizer, cfg, device, results, dist)
     except StopRequested:
         print(f"Stopped; checkpoint saved in {results.path}. Continue with the same command plus --resume.")
         return None
+    if not dist.is_main:
+        return {"rank": dist.rank}
 
     eval_loss, eval_err, (ep, out) = evaluate(model, cfg, args.eval_episodes, args.eval_seed, args.eval_batch, device)
     episodes = history["episodes"][-1] if history["episodes"] else 0
@@ -435,6 +468,7 @@ def main(argv=None) -> dict | None:
     metrics = {
         "experiment": "pattern_memorization",
         "model": args.model, "impl": impl, "batch_size": args.batch_size, "device": str(device),
+        "world_size": dist.world_size, "per_process_batch": args.batch_size // dist.world_size,
         "trained_parameters": num_trainable(model), "steps_per_episode": cfg.steps,
         "episodes": episodes,
         "final_train_loss": final_loss, "final_train_bit_error": final_err,
