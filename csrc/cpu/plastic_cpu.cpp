@@ -68,9 +68,10 @@ inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
   }
 }
 
+// NaN stays NaN, as with torch.clamp (every comparison with NaN is false).
 template <typename scalar_t>
 inline scalar_t clamp(scalar_t h, scalar_t c) {
-  return std::min(std::max(h, -c), c);
+  return h < -c ? -c : (h > c ? c : h);
 }
 
 // Views of the canonical tensors of one call, shared by forward and backward.
@@ -117,7 +118,8 @@ void activate_rows(const scalar_t* a, scalar_t* y, int64_t B, int64_t n, Act act
     switch (act) {
       case Act::Tanh: for (int64_t j = 0; j < n; ++j) yr[j] = std::tanh(ar[j]); break;
       case Act::Sigmoid: for (int64_t j = 0; j < n; ++j) yr[j] = scalar_t(1) / (scalar_t(1) + std::exp(-ar[j])); break;
-      case Act::Relu: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j] > 0 ? ar[j] : scalar_t(0); break;
+      // written so that NaN passes through, as with torch.relu
+      case Act::Relu: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j] < 0 ? scalar_t(0) : ar[j]; break;
       case Act::Identity: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j]; break;
       case Act::Softmax: {
         scalar_t m = ar[0];
@@ -141,7 +143,8 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
     switch (act) {
       case Act::Tanh: for (int64_t j = 0; j < n; ++j) out[j] = gr[j] * (scalar_t(1) - yr[j] * yr[j]); break;
       case Act::Sigmoid: for (int64_t j = 0; j < n; ++j) out[j] = gr[j] * yr[j] * (scalar_t(1) - yr[j]); break;
-      case Act::Relu: for (int64_t j = 0; j < n; ++j) out[j] = yr[j] > 0 ? gr[j] : scalar_t(0); break;
+      // torch's mask: zero where y <= 0, the gradient elsewhere (NaN included)
+      case Act::Relu: for (int64_t j = 0; j < n; ++j) out[j] = yr[j] <= 0 ? scalar_t(0) : gr[j]; break;
       case Act::Identity: for (int64_t j = 0; j < n; ++j) out[j] = gr[j]; break;
       case Act::Softmax: {
         scalar_t dot = 0;

@@ -85,7 +85,7 @@ __device__ __forceinline__ scalar_t act_elementwise(scalar_t a, int act) {
   switch (static_cast<Act>(act)) {
     case Act::Tanh: return dev_tanh(a);
     case Act::Sigmoid: return scalar_t(1) / (scalar_t(1) + dev_exp(-a));
-    case Act::Relu: return a > scalar_t(0) ? a : scalar_t(0);
+    case Act::Relu: return a < scalar_t(0) ? scalar_t(0) : a;  // NaN passes, as with torch.relu
     default: return a;  // identity (softmax is handled per row)
   }
 }
@@ -96,7 +96,7 @@ __device__ __forceinline__ scalar_t act_backward_elementwise(scalar_t g, scalar_
   switch (static_cast<Act>(act)) {
     case Act::Tanh: return g * (scalar_t(1) - y * y);
     case Act::Sigmoid: return g * y * (scalar_t(1) - y);
-    case Act::Relu: return y > scalar_t(0) ? g : scalar_t(0);
+    case Act::Relu: return y <= scalar_t(0) ? scalar_t(0) : g;  // torch's mask (NaN y keeps g)
     default: return g;  // identity
   }
 }
