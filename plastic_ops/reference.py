@@ -37,7 +37,10 @@ def update_trace(H, x, y, e, rule: str, clip):
     else:
         raise ValueError(f"unknown rule {rule!r}")
     if clip is not None:
-        H = torch.clamp(H, -clip, clip)
+        # torch.clamp's values, with the spec's gradient mask [-c <= Hpre <= c] (NaN: 0) written
+        # out: torch.clamp's own mask at the bounds differs between torch versions
+        inside = (H >= -clip) & (H <= clip)
+        H = torch.where(inside, H, torch.clamp(H.detach(), -clip, clip))
     return H
 
 

@@ -192,7 +192,9 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int
               if constexpr (CLIP) h = clamp(h, c);
               hr[j] = h;
             }
-            if constexpr (ACCUM) accr[j] += pc * (wr[j] + ar[j] * h);
+            // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
+            // w and alpha*h separately, so inf/NaN come out where the reference has them
+            if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
           }
         }
       }
@@ -306,14 +308,17 @@ void backward_sweep_update(const Problem<scalar_t>& P, const Split& sp, const sc
               const scalar_t hp = updated<R>(h, pp, yy, ee);
               g = (hp >= -c && hp <= c) ? g : scalar_t(0);
             }
+            // Terms kept apart as autograd keeps them on the reference (no factoring), so an
+            // infinite g gives inf - inf = NaN exactly where the reference does.
             if constexpr (R == Rule::Hebb) {
-              ger[j] += g * (pp * yy - h);
+              ger[j] += g * (pp * yy) - g * h;
               gyr[j] += g * ee * pp;
               gr[j] = g * (scalar_t(1) - ee);
             } else {
+              const scalar_t gey = g * ee * yy;
               ger[j] += g * yy * (pp - h * yy);
-              gyr[j] += g * ee * (pp - scalar_t(2) * h * yy);
-              gr[j] = g * (scalar_t(1) - ee * yy * yy);
+              gyr[j] += g * ee * (pp - h * yy) - gey * h;
+              gr[j] = g - gey * yy;
             }
             s += g * ee * yy;
           }
@@ -348,9 +353,10 @@ void backward_sweep_drive(const Problem<scalar_t>& P, const Split& sp, const sca
 #pragma omp simd reduction(+ : s)
           for (int64_t j = 0; j < n; ++j) {
             const scalar_t h = hr[j], a = ar[j], g = gab[j];
-            gr[j] += a * pp * g;
-            gar[j] += pp * g * h;
-            s += g * (wr[j] + a * h);
+            const scalar_t pg = pp * g;
+            gr[j] += pg * a;  // products in the reference's order (see forward_sweep)
+            gar[j] += pg * h;
+            s += g * wr[j] + g * (a * h);
           }
           dp[row] += s;
         }
