@@ -63,6 +63,13 @@ def _shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
         raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def to_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{name} is too large for a float: {value!r}") from None
+
+
 def check_clip(clip):
     """None, or a positive finite number; a value traced by torch.compile (SymFloat) stays traced."""
     if clip is None:
@@ -71,7 +78,7 @@ def check_clip(clip):
     if isinstance(clip, bool) or not (symbolic or isinstance(clip, numbers.Real)):
         raise TypeError(f"clip must be None or a positive number, got {clip!r}")
     if not symbolic:
-        clip = float(clip)
+        clip = to_float("clip", clip)
     # comparisons rather than math.isinf, which a traced value does not support; NaN fails both
     if not (clip > 0) or clip == math.inf:
         raise ValueError(f"clip must be a positive finite number (the trace is clamped to [-clip, clip]), got {clip}")
@@ -118,7 +125,7 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
             f"or per synapse (N_in, N_out) with N_in={n_in}, N_out={n_out}; got shape {tuple(alpha.shape)}")
 
     if isinstance(eta, numbers.Real) and not isinstance(eta, bool):
-        eta = torch.tensor(float(eta), dtype=x.dtype, device=x.device)
+        eta = torch.tensor(to_float("eta", eta), dtype=x.dtype, device=x.device)
     eta = _tensor("eta", eta)
     if eta.dim() != 0:
         raise ValueError(f"eta must be a 0-dim (scalar) tensor, got shape {tuple(eta.shape)}")

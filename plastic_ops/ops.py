@@ -7,6 +7,10 @@ e = eta * modulation as (T, B, N_out), bias folded into a drive (T, B, N_out));
 the functions here check the user's arguments and build those tensors with
 ordinary autograd-aware ops, so the gradients of alpha, eta, modulation and bias
 are reduced back to their own shapes by autograd. Math: docs/op_spec.md.
+
+A backward with create_graph=True (double backward) and calls under torch.func transforms or
+forward-mode AD go through the reference's operations instead (docs/op_spec.md, "Higher-order
+and forward-mode AD").
 """
 from __future__ import annotations
 

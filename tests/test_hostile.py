@@ -350,12 +350,20 @@ def test_bad_checkpoint_every(form, value, error):
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), (-1.0, ValueError), (math.nan, ValueError),
                                          (math.inf, ValueError), (True, TypeError), ("1", TypeError),
-                                         (torch.tensor(1.0), TypeError), (1j, TypeError)])
+                                         (torch.tensor(1.0), TypeError), (1j, TypeError), (10**400, ValueError)])
 def test_bad_clip(value, error):
     args, mod = small("linear")
     for fn in fns("linear"):
         with pytest.raises(error, match="clip"):
             fn(*args, modulation=mod, clip=value)
+
+
+def test_eta_beyond_float_range():
+    args, mod = small("linear")
+    args[3] = 10**400
+    for fn in fns("linear"):
+        with pytest.raises(ValueError, match="eta"):
+            fn(*args, modulation=mod)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -444,7 +452,7 @@ for opts in (("hebbb", "tanh", None), ("hebb", "gelu", None), ("hebb", "tanh", -
 
 @pytest.mark.parametrize("bad", [dict(in_features=0), dict(in_features=2**70), dict(in_features=True),
                                  dict(clip=math.nan), dict(clip=-1), dict(clip=math.inf), dict(clip="x"),
-                                 dict(checkpoint_every=0), dict(checkpoint_every=1.5)])
+                                 dict(checkpoint_every=0), dict(checkpoint_every=1.5), dict(eta=10**400)])
 def test_layer_rejects_bad_options(bad):
     kw = dict(in_features=3, out_features=4)
     kw.update(bad)

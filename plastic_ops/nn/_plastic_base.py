@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
-from .._validation import ACTIVATIONS, RULES, check_checkpoint_every, check_clip
+from .._validation import ACTIVATIONS, RULES, to_float, check_checkpoint_every, check_clip
 
 ALPHA_SHAPES = ("synapse", "input", "output", "scalar")
 IMPLS = ("fused", "reference")
@@ -38,7 +38,7 @@ class _PlasticBase(nn.Module):
         a_shape = {"synapse": (in_features, out_features), "input": (in_features, 1),
                    "output": (1, out_features), "scalar": ()}[alpha]
         self.alpha = nn.Parameter(torch.empty(a_shape, **factory))
-        eta_t = torch.tensor(float(eta), **factory)
+        eta_t = torch.tensor(to_float("eta", eta), **factory)
         if learn_eta:
             self.eta = nn.Parameter(eta_t)
         else:
