@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
-from .._validation import ACTIVATIONS, RULES, to_float, check_checkpoint_every, check_clip
+from .._validation import ACTIVATIONS, RULES, check_checkpoint_every, check_clip, to_float
 
 ALPHA_SHAPES = ("synapse", "input", "output", "scalar")
 IMPLS = ("fused", "reference")
