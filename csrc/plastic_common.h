@@ -66,6 +66,10 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
     TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
     TORCH_CHECK(t->scalar_type() == drive.scalar_type(), "plastic_ops: all tensors must share a dtype");
     TORCH_CHECK(t->device() == drive.device(), "plastic_ops: all tensors must share a device");
+    // The ops have no forward-mode formula: a tangent would be dropped without a word.
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(),
+                "plastic_ops: forward-mode AD is not supported by torch.ops.plastic_ops.*; call "
+                "plastic_ops.plastic_linear / plastic_rnn, which run the reference for dual tensors");
   }
   return d;
 }

@@ -298,6 +298,16 @@ def test_func_grad_and_vmap(form, device):
         torch.testing.assert_close(ys[k], ref(ws[k])[0], **F64)
 
 
+def test_raw_op_refuses_dual_tensors():
+    T, B, n = 3, 2, 3
+    args = [torch.randn(*s, dtype=torch.float64) for s in ((T, B, n), (T, B, n), (n, n), (n, n), (T, B, n),
+                                                          (B, n, n))]
+    with forward_ad.dual_level():
+        args[2] = forward_ad.make_dual(args[2], torch.ones(n, n, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.ops.plastic_ops.plastic_linear_forward(*args, "hebb", "tanh", None, 1)
+
+
 def test_layer_under_func_grad():
     layer = PlasticRNN(3, clip=0.5, dtype=torch.float64)
     u = torch.randn(4, 2, 3, dtype=torch.float64)
