@@ -35,7 +35,8 @@ struct Dims {
   int64_t T, B, n_in, n_out, K, C;
 };
 
-inline int64_t num_checkpoints(int64_t T, int64_t K) { return K == 0 ? 0 : (T + K - 1) / K; }
+// ceil(T / K) written so that no K up to INT64_MAX can overflow (T >= 1, K >= 0).
+inline int64_t num_checkpoints(int64_t T, int64_t K) { return K == 0 ? 0 : (T - 1) / K + 1; }
 
 // pre: x (T,B,N_in) for the linear form, y0 (B,N) for the recurrent form.
 inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
@@ -43,8 +44,9 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
                             c10::optional<double> clip, int64_t K, bool recurrent) {
   TORCH_CHECK(drive.dim() == 3, "plastic_ops: drive must be (T, B, N_out)");
   TORCH_CHECK(w.dim() == 2, "plastic_ops: w must be (N_in, N_out)");
+  TORCH_CHECK(drive.size(0) > 0, "plastic_ops: T must be positive");
+  TORCH_CHECK(K >= 0, "plastic_ops: checkpoint_every must be >= 0, got ", K);
   Dims d{drive.size(0), drive.size(1), w.size(0), w.size(1), K, num_checkpoints(drive.size(0), K)};
-  TORCH_CHECK(d.T > 0, "plastic_ops: T must be positive");
   TORCH_CHECK(drive.size(2) == d.n_out, "plastic_ops: drive must be (T, B, N_out)");
   if (recurrent) {
     TORCH_CHECK(d.n_in == d.n_out, "plastic_ops: w must be square for the recurrent form");
@@ -59,12 +61,15 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
               "plastic_ops: e must be (T, B, N_out)");
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == d.B && h0.size(1) == d.n_in && h0.size(2) == d.n_out,
               "plastic_ops: h0 must be (B, N_in, N_out)");
-  TORCH_CHECK(K >= 0, "plastic_ops: checkpoint_every must be >= 0");
   TORCH_CHECK(!clip.has_value() || *clip > 0, "plastic_ops: clip must be positive");
   for (const at::Tensor* t : {&pre, &drive, &w, &alpha, &e, &h0}) {
     TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
     TORCH_CHECK(t->scalar_type() == drive.scalar_type(), "plastic_ops: all tensors must share a dtype");
     TORCH_CHECK(t->device() == drive.device(), "plastic_ops: all tensors must share a device");
+    // The ops have no forward-mode formula: a tangent would be dropped without a word.
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(),
+                "plastic_ops: forward-mode AD is not supported by torch.ops.plastic_ops.*; call "
+                "plastic_ops.plastic_linear / plastic_rnn, which run the reference for dual tensors");
   }
   return d;
 }

@@ -63,6 +63,40 @@ def _shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
         raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def to_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{name} is too large for a float: {value!r}") from None
+
+
+def check_clip(clip):
+    """None, or a positive finite number; a value traced by torch.compile (SymFloat) stays traced."""
+    if clip is None:
+        return None
+    symbolic = isinstance(clip, (torch.SymFloat, torch.SymInt))
+    if isinstance(clip, bool) or not (symbolic or isinstance(clip, numbers.Real)):
+        raise TypeError(f"clip must be None or a positive number, got {clip!r}")
+    if not symbolic:
+        clip = to_float("clip", clip)
+    # comparisons rather than math.isinf, which a traced value does not support; NaN fails both
+    if not (clip > 0) or clip == math.inf:
+        raise ValueError(f"clip must be a positive finite number (the trace is clamped to [-clip, clip]), got {clip}")
+    return clip
+
+
+def check_checkpoint_every(checkpoint_every):
+    """None, or an integer K >= 1 (any size: the op uses min(K, T), see docs/op_spec.md)."""
+    if checkpoint_every is None:
+        return None
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r} "
+                        f"({type(checkpoint_every).__name__})")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r}")
+    return checkpoint_every if isinstance(checkpoint_every, torch.SymInt) else int(checkpoint_every)
+
+
 def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every,
                   x_name: str, y0=None):
     x = _tensor(x_name, x)
@@ -91,7 +125,7 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
             f"or per synapse (N_in, N_out) with N_in={n_in}, N_out={n_out}; got shape {tuple(alpha.shape)}")
 
     if isinstance(eta, numbers.Real) and not isinstance(eta, bool):
-        eta = torch.tensor(float(eta), dtype=x.dtype, device=x.device)
+        eta = torch.tensor(to_float("eta", eta), dtype=x.dtype, device=x.device)
     eta = _tensor("eta", eta)
     if eta.dim() != 0:
         raise ValueError(f"eta must be a 0-dim (scalar) tensor, got shape {tuple(eta.shape)}")
@@ -119,17 +153,8 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if clip is not None:
-        if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
-            raise TypeError(f"clip must be None or a positive number, got {clip!r}")
-        clip = float(clip)
-        if not (clip > 0) or math.isinf(clip):
-            raise ValueError(f"clip must be a positive finite number (the trace is clamped to [-clip, clip]), got {clip}")
-    if checkpoint_every is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral) \
-                or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r}")
-        checkpoint_every = int(checkpoint_every)
+    clip = check_clip(clip)
+    checkpoint_every = check_checkpoint_every(checkpoint_every)
 
     named = [(x_name, x), ("w", w), ("alpha", alpha), ("eta", eta), ("trace", trace), ("bias", bias),
              ("modulation", modulation), ("y0", y0)]

@@ -7,6 +7,10 @@ e = eta * modulation as (T, B, N_out), bias folded into a drive (T, B, N_out));
 the functions here check the user's arguments and build those tensors with
 ordinary autograd-aware ops, so the gradients of alpha, eta, modulation and bias
 are reduced back to their own shapes by autograd. Math: docs/op_spec.md.
+
+A backward with create_graph=True (double backward) and calls under torch.func transforms or
+forward-mode AD go through the reference's operations instead (docs/op_spec.md, "Higher-order
+and forward-mode AD").
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
-from . import _extension
+from . import _extension, reference
 from ._validation import PlasticArgs, check_linear, check_rnn
 
 _OPS_LOADED = _extension.load()
@@ -41,12 +46,33 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
     else:
         drive = p.bias.expand(p.T, p.B, p.n_out) if p.bias is not None else p.x.new_zeros(p.T, p.B, p.n_out)
     drive = drive.contiguous()
-    K = p.checkpoint_every or default_checkpoint_every(p.T)
+    # K > T saves the same single checkpoint as K = T; clamping keeps every count small
+    K = min(p.checkpoint_every, p.T) if p.checkpoint_every is not None else default_checkpoint_every(p.T)
     return alpha, e, drive, (K if needs_grad else 0)
 
 
 def _any_requires_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return is_compiling() if is_compiling is not None else torch._dynamo.is_compiling()
+
+
+def _needs_reference(*tensors) -> bool:
+    """True under torch.func transforms (grad, vmap, jvp, ...) or with forward-mode dual tensors.
+
+    The compiled ops have a reverse-mode autograd formula only, so these calls run the
+    reference, which gives the same results (docs/op_spec.md, "Higher-order and forward-mode AD").
+    """
+    if _is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
 
 
 def _op(name: str):
@@ -78,6 +104,8 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
     """
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
                      modulation=modulation, checkpoint_every=checkpoint_every)
+    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation):
+        return reference._scan(p, recurrent=False)
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation)
     alpha_c, e, drive, K = _canonical(p, False, needs_grad)
     y, hT, _ = _op("plastic_linear_forward")(p.x.contiguous(), drive, p.w.contiguous(), alpha_c, e,
@@ -98,6 +126,8 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
     """
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
                   modulation=modulation, checkpoint_every=checkpoint_every)
+    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0):
+        return reference._scan(p, recurrent=True)
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
     alpha_c, e, drive, K = _canonical(p, True, needs_grad)
     y, hT, _ = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
@@ -107,6 +137,26 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
 
 # ---------------------------------------------------------------------------------------------
 # Registration: fake (meta) kernels for torch.compile, and autograd through the backward ops.
+
+def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_hT, meta):
+    """The backward as differentiable PyTorch ops, for create_graph=True (double backward).
+
+    Reruns the forward with the reference on the op's own inputs (which carry their graph) and
+    differentiates it with create_graph=True: exact second derivatives, at the reference's
+    time and memory (every trace is kept).
+    """
+    rule, activation, clip, _ = meta
+    wanted = [i for i, needed in enumerate(needs_input_grad) if needed]
+    grads = [None] * 10
+    if not wanted:
+        return tuple(grads)
+    y, hT = reference.scan(*inputs, rule, activation, clip, recurrent)
+    found = torch.autograd.grad((y, hT), [inputs[i] for i in wanted], (grad_y, grad_hT), create_graph=True,
+                                allow_unused=True)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return tuple(grads)
+
 
 def _register():
     def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K):
@@ -127,19 +177,24 @@ def _register():
             pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
-            ctx.save_for_backward(pre, w, alpha, e, y, ckpts)
+            # drive and h0 only serve a double backward; h0 equals ckpts[0] unless it has a graph
+            ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None)
             ctx.meta = (rule, activation, clip, K)
 
         def backward(ctx, grad_y, grad_hT, grad_ckpts, form=form):
             if ctx.no_checkpoints:
                 raise RuntimeError("plastic_ops: the forward ran without checkpoints (checkpoint_every=0), "
                                    "so it cannot be differentiated; call the public function instead")
-            pre, w, alpha, e, y, ckpts = ctx.saved_tensors
+            pre, w, alpha, e, y, ckpts, drive, h0 = ctx.saved_tensors
             rule, activation, clip, K = ctx.meta
             if grad_y is None:
                 grad_y = torch.zeros_like(y)
             if grad_hT is None:
                 grad_hT = ckpts.new_zeros(ckpts.shape[1:])
+            if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+                h0 = ckpts[0] if h0 is None else h0
+                return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
+                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta)
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
                 grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K)
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads

@@ -37,7 +37,10 @@ def update_trace(H, x, y, e, rule: str, clip):
     else:
         raise ValueError(f"unknown rule {rule!r}")
     if clip is not None:
-        H = torch.clamp(H, -clip, clip)
+        # torch.clamp's values, with the spec's gradient mask [-c <= Hpre <= c] (NaN: 0) written
+        # out: torch.clamp's own mask at the bounds differs between torch versions
+        inside = (H >= -clip) & (H <= clip)
+        H = torch.where(inside, H, torch.clamp(H.detach(), -clip, clip))
     return H
 
 
@@ -48,24 +51,36 @@ def _rates(p: PlasticArgs) -> torch.Tensor:
     return p.eta * p.modulation.expand(p.T, p.B, p.n_out)
 
 
-def _scan(p: PlasticArgs, recurrent: bool):
-    e = _rates(p)
-    H = p.trace
-    prev = p.y0
+def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurrent: bool):
+    """The T steps on the op's canonical arguments (docs/op_spec.md, "How the fused op is split").
+
+    pre: x (T, B, N_in) for the linear form, y0 (B, N) for the recurrent one; drive: d_t as
+    (T, B, N_out) (an expanded view is fine) or None for no drive; alpha broadcastable to
+    (N_in, N_out); e: the rates (T, B, N_out); h0: H_0. Returns (y, H_T).
+    """
+    H = h0
+    prev = pre if recurrent else None
     ys = []
-    for t in range(p.T):
-        pre = prev if recurrent else p.x[t]
-        # a_t = pre @ (w + alpha * H_t), per episode
-        a = pre @ p.w + torch.einsum("bi,bij->bj", pre, p.alpha * H)
-        if recurrent:
-            a = a + p.x[t]
-        if p.bias is not None:
-            a = a + p.bias
-        y = activate(a, p.activation)
-        H = update_trace(H, pre, y, e[t], p.rule, p.clip)
+    for t in range(e.shape[0]):
+        p_t = prev if recurrent else pre[t]
+        # a_t = p_t @ (w + alpha * H_t) + d_t, per episode
+        a = p_t @ w + torch.einsum("bi,bij->bj", p_t, alpha * H)
+        if drive is not None:
+            a = a + drive[t]
+        y = activate(a, activation)
+        H = update_trace(H, p_t, y, e[t], rule, clip)
         ys.append(y)
         prev = y
     return torch.stack(ys), H
+
+
+def _scan(p: PlasticArgs, recurrent: bool):
+    if recurrent:
+        drive = p.x if p.bias is None else p.x + p.bias
+    else:
+        drive = None if p.bias is None else p.bias.expand(p.T, p.B, p.n_out)
+    return scan(p.y0 if recurrent else p.x, drive, p.w, p.alpha, _rates(p), p.trace, p.rule, p.activation,
+                p.clip, recurrent)
 
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,

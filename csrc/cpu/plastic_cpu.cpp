@@ -68,9 +68,10 @@ inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
   }
 }
 
+// NaN stays NaN, as with torch.clamp (every comparison with NaN is false).
 template <typename scalar_t>
 inline scalar_t clamp(scalar_t h, scalar_t c) {
-  return std::min(std::max(h, -c), c);
+  return h < -c ? -c : (h > c ? c : h);
 }
 
 // Views of the canonical tensors of one call, shared by forward and backward.
@@ -117,7 +118,8 @@ void activate_rows(const scalar_t* a, scalar_t* y, int64_t B, int64_t n, Act act
     switch (act) {
       case Act::Tanh: for (int64_t j = 0; j < n; ++j) yr[j] = std::tanh(ar[j]); break;
       case Act::Sigmoid: for (int64_t j = 0; j < n; ++j) yr[j] = scalar_t(1) / (scalar_t(1) + std::exp(-ar[j])); break;
-      case Act::Relu: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j] > 0 ? ar[j] : scalar_t(0); break;
+      // written so that NaN passes through, as with torch.relu
+      case Act::Relu: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j] < 0 ? scalar_t(0) : ar[j]; break;
       case Act::Identity: for (int64_t j = 0; j < n; ++j) yr[j] = ar[j]; break;
       case Act::Softmax: {
         scalar_t m = ar[0];
@@ -141,7 +143,8 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
     switch (act) {
       case Act::Tanh: for (int64_t j = 0; j < n; ++j) out[j] = gr[j] * (scalar_t(1) - yr[j] * yr[j]); break;
       case Act::Sigmoid: for (int64_t j = 0; j < n; ++j) out[j] = gr[j] * yr[j] * (scalar_t(1) - yr[j]); break;
-      case Act::Relu: for (int64_t j = 0; j < n; ++j) out[j] = yr[j] > 0 ? gr[j] : scalar_t(0); break;
+      // torch's mask: zero where y <= 0, the gradient elsewhere (NaN included)
+      case Act::Relu: for (int64_t j = 0; j < n; ++j) out[j] = yr[j] <= 0 ? scalar_t(0) : gr[j]; break;
       case Act::Identity: for (int64_t j = 0; j < n; ++j) out[j] = gr[j]; break;
       case Act::Softmax: {
         scalar_t dot = 0;
@@ -189,7 +192,9 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int
               if constexpr (CLIP) h = clamp(h, c);
               hr[j] = h;
             }
-            if constexpr (ACCUM) accr[j] += pc * (wr[j] + ar[j] * h);
+            // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
+            // w and alpha*h separately, so inf/NaN come out where the reference has them
+            if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
           }
         }
       }
@@ -303,14 +308,17 @@ void backward_sweep_update(const Problem<scalar_t>& P, const Split& sp, const sc
               const scalar_t hp = updated<R>(h, pp, yy, ee);
               g = (hp >= -c && hp <= c) ? g : scalar_t(0);
             }
+            // Terms kept apart as autograd keeps them on the reference (no factoring), so an
+            // infinite g gives inf - inf = NaN exactly where the reference does.
             if constexpr (R == Rule::Hebb) {
-              ger[j] += g * (pp * yy - h);
+              ger[j] += g * (pp * yy) - g * h;
               gyr[j] += g * ee * pp;
               gr[j] = g * (scalar_t(1) - ee);
             } else {
+              const scalar_t gey = g * ee * yy;
               ger[j] += g * yy * (pp - h * yy);
-              gyr[j] += g * ee * (pp - scalar_t(2) * h * yy);
-              gr[j] = g * (scalar_t(1) - ee * yy * yy);
+              gyr[j] += g * ee * (pp - h * yy) - gey * h;
+              gr[j] = g - gey * yy;
             }
             s += g * ee * yy;
           }
@@ -345,9 +353,10 @@ void backward_sweep_drive(const Problem<scalar_t>& P, const Split& sp, const sca
 #pragma omp simd reduction(+ : s)
           for (int64_t j = 0; j < n; ++j) {
             const scalar_t h = hr[j], a = ar[j], g = gab[j];
-            gr[j] += a * pp * g;
-            gar[j] += pp * g * h;
-            s += g * (wr[j] + a * h);
+            const scalar_t pg = pp * g;
+            gr[j] += pg * a;  // products in the reference's order (see forward_sweep)
+            gar[j] += pg * h;
+            s += g * wr[j] + g * (a * h);
           }
           dp[row] += s;
         }

@@ -85,7 +85,7 @@ __device__ __forceinline__ scalar_t act_elementwise(scalar_t a, int act) {
   switch (static_cast<Act>(act)) {
     case Act::Tanh: return dev_tanh(a);
     case Act::Sigmoid: return scalar_t(1) / (scalar_t(1) + dev_exp(-a));
-    case Act::Relu: return a > scalar_t(0) ? a : scalar_t(0);
+    case Act::Relu: return a < scalar_t(0) ? scalar_t(0) : a;  // NaN passes, as with torch.relu
     default: return a;  // identity (softmax is handled per row)
   }
 }
@@ -96,7 +96,7 @@ __device__ __forceinline__ scalar_t act_backward_elementwise(scalar_t g, scalar_
   switch (static_cast<Act>(act)) {
     case Act::Tanh: return g * (scalar_t(1) - y * y);
     case Act::Sigmoid: return g * y * (scalar_t(1) - y);
-    case Act::Relu: return y > scalar_t(0) ? g : scalar_t(0);
+    case Act::Relu: return y <= scalar_t(0) ? scalar_t(0) : g;  // torch's mask (NaN y keeps g)
     default: return g;  // identity
   }
 }
@@ -141,7 +141,9 @@ __global__ void forward_sweep_kernel(const scalar_t* src, scalar_t* dst, scalar_
     dst[o] = h;
     if (ckpt != nullptr) ckpt[o] = h;
     const int64_t wo = i * n_out + j;
-    acc += pc[i] * (w[wo] + alpha[wo] * h);
+    // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets w and
+    // alpha*h separately, so inf/NaN come out where the reference has them
+    acc += pc[i] * w[wo] + pc[i] * (alpha[wo] * h);
   }
   part[(z * B + b) * n_out + j] = acc;
 }
@@ -222,7 +224,7 @@ __global__ void backward_sweep_a_kernel(const scalar_t* __restrict__ H, scalar_t
   const scalar_t yv = valid ? y[b * n_out + j] : scalar_t(0);
   const scalar_t ev = valid ? e[b * n_out + j] : scalar_t(0);
   const scalar_t ey = ev * yv;
-  const scalar_t keep = OJA ? scalar_t(1) - ev * yv * yv : scalar_t(1) - ev;  // dHpre/dh
+  const scalar_t keep = scalar_t(1) - ev;  // dHpre/dh of the hebb rule
   const scalar_t* pb = p + b * n_in;
   const int64_t base = b * n_in * n_out + j;
   scalar_t* dp_row = dp_part + (b * n_warps_j + jw) * n_in;
@@ -238,14 +240,18 @@ __global__ void backward_sweep_a_kernel(const scalar_t* __restrict__ H, scalar_t
         const scalar_t hp = rule_update<OJA>(h, pv, yv, ev);
         if (!(hp >= -clip && hp <= clip)) g = scalar_t(0);
       }
+      // Terms kept apart as autograd keeps them on the reference (no factoring), so an
+      // infinite g gives inf - inf = NaN exactly where the reference does.
       if (OJA) {
+        const scalar_t gey = g * ev * yv;
         de += g * yv * (pv - h * yv);
-        dy += g * ev * (pv - scalar_t(2) * h * yv);
+        dy += g * ev * (pv - h * yv) - gey * h;
+        G[o] = g - gey * yv;
       } else {
-        de += g * (pv * yv - h);
+        de += g * (pv * yv) - g * h;
         dy += g * ev * pv;
+        G[o] = g * keep;
       }
-      G[o] = g * keep;
       contrib = g * ey;
     }
     contrib = warp_sum(contrib);
@@ -323,9 +329,10 @@ __global__ void backward_sweep_b_kernel(const scalar_t* __restrict__ H, scalar_t
         const int64_t o = (b * n_in + i) * n_out + j;
         const scalar_t h = H[o];
         const scalar_t gav = ga[b * n_out + j];
-        G[o] += av * pv * gav;
-        da += pv * gav * h;
-        contrib = gav * (wv + av * h);
+        const scalar_t pg = pv * gav;
+        G[o] += pg * av;  // products in the reference's order (see forward_sweep_kernel)
+        da += pg * h;
+        contrib = gav * wv + gav * (av * h);
       }
       contrib = warp_sum(contrib);
       if (writes_dp) dp_part[(b * n_warps_j + jw) * n_in + i] += contrib;

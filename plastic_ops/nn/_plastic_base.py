@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
-from .._validation import ACTIVATIONS, RULES
+from .._validation import ACTIVATIONS, RULES, check_checkpoint_every, check_clip, to_float
 
 ALPHA_SHAPES = ("synapse", "input", "output", "scalar")
 IMPLS = ("fused", "reference")
@@ -18,16 +18,16 @@ class _PlasticBase(nn.Module):
                  checkpoint_every, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+                raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
         if alpha not in ALPHA_SHAPES:
             raise ValueError(f"alpha must be one of {ALPHA_SHAPES}, got {alpha!r}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if clip is not None and not (float(clip) > 0):
-            raise ValueError(f"clip must be None or positive, got {clip!r}")
+        clip = check_clip(clip)
+        checkpoint_every = check_checkpoint_every(checkpoint_every)
         self.impl = impl  # validated by the property setter
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
@@ -38,7 +38,7 @@ class _PlasticBase(nn.Module):
         a_shape = {"synapse": (in_features, out_features), "input": (in_features, 1),
                    "output": (1, out_features), "scalar": ()}[alpha]
         self.alpha = nn.Parameter(torch.empty(a_shape, **factory))
-        eta_t = torch.tensor(float(eta), **factory)
+        eta_t = torch.tensor(to_float("eta", eta), **factory)
         if learn_eta:
             self.eta = nn.Parameter(eta_t)
         else:
