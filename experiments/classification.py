@@ -369,8 +369,9 @@ def summarize(run, args, final: dict, wall: float) -> dict:
                        "best_epoch": run.history["epoch"][best] if best is not None else None,
                        "final_acc": acc, "final_loss": loss}
     out = {"protocol": run.protocol, "model": run.name, "tests": tests,
-           "train_seconds": round(run.train_seconds, 2), "eval_seconds": round(run.eval_seconds, 2),
-           "wall_seconds": round(wall, 2), "cpu_seconds": round(run.cpu_seconds, 2), "history": run.history,
+           # 4 decimals: a short run must not round to 0 s
+           "train_seconds": round(run.train_seconds, 4), "eval_seconds": round(run.eval_seconds, 4),
+           "wall_seconds": round(wall, 4), "cpu_seconds": round(run.cpu_seconds, 4), "history": run.history,
            "parameters": sum(p.numel() for p in run.model.parameters())}
     if run.model.plastic:
         out["eta"] = float(run.model.out.eta.detach())
