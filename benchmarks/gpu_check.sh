@@ -34,6 +34,7 @@
 #   GPU_CHECK_STEPS=a,b      run only these steps (e.g. build,reference,tests to rerun after a fix)
 #   GPU_CHECK_CAP=s          at most this many seconds for any step (default: each step's own cap)
 #   GPU_CHECK_PYTEST_K=expr  -k of the tests step (default "cuda"; dry run "cpu and float32")
+#   GPU_CHECK_DRY_BENCH_ARGS="..."  extra arguments of the dry run's benchmark (the last of a repeated one wins)
 #   GPU_CHECK_WORK=dir       scratch folder, kept (default: a new one under ${TMPDIR:-/tmp}, removed)
 #   PYTHON=python3           the interpreter (torch with CUDA, pytest, ninja)
 set -u
@@ -236,7 +237,7 @@ run_step tests pytest 100 tests.junit.xml "$PYTHON" -m pytest tests/test_op_vs_r
 if [ "$DRY_RUN" = "1" ]; then
   run_step bench bench 90 bench/results.json "$PYTHON" -m benchmarks.compare --device cpu --sizes 24 \
     --batches 1 2 --steps 5 --impls fused,eager --mode fwdbwd --budget 0.3 --min-rounds 2 --max-rounds 3 \
-    --case-timeout 60 --no-plot --out "$WORK/bench"
+    --case-timeout 60 --no-plot --out "$WORK/bench" ${GPU_CHECK_DRY_BENCH_ARGS:-}
 else
   run_step bench bench 110 bench/results.json "$PYTHON" -m benchmarks.compare --device cuda --headline \
     --budget 4 --max-rounds 15 --case-timeout 45 --no-plot --out "$WORK/bench"

@@ -105,9 +105,11 @@ def test_dry_run_zero_tests_is_a_failure(tmp_path):
 
 
 def test_dry_run_step_over_its_cap_is_killed(tmp_path):
-    # An 8 s cap on the benchmark (a parent, and a child detached from its process group): the step is
-    # reported as timed out, and no process of the step is left behind.
-    rc, stdout, out, pid = run_check(tmp_path, "cap", GPU_CHECK_STEPS="bench", GPU_CHECK_CAP="8")
+    # An 8 s cap on a benchmark asked to time far more rounds than it can in 8 s (a parent, and a child
+    # detached from its process group): the step is reported as timed out, and no process is left behind.
+    rc, stdout, out, pid = run_check(tmp_path, "cap", GPU_CHECK_STEPS="bench", GPU_CHECK_CAP="8",
+                                     GPU_CHECK_DRY_BENCH_ARGS="--budget 100000 --min-rounds 100000 "
+                                                              "--max-rounds 100000")
     assert rc == 1, stdout[-4000:]
     steps = step_lines((out / "summary.txt").read_text())
     assert steps["bench"][0] == "FAIL" and "timed out" in steps["bench"][1]
