@@ -160,18 +160,18 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// One pass over the trace for step t: with UPDATE, reads H_{t-1} from src, applies the
-// update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
-// src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
-// task's partial (B, N_out) sum. `advance` is the same update with the same operations,
-// so the backward's recomputed traces and clamp masks are bit-identical to these.
-template <Rule R, bool CLIP, typename scalar_t>
-inline scalar_t advance(scalar_t h, scalar_t p, scalar_t y, scalar_t e, scalar_t c, scalar_t& hpre) {
-  hpre = updated<R>(h, p, y, e);
+// H_{t+1} from Hpre_{t+1}: the forward and the backward's recompute both go through
+// `updated` then `clamped`, so recomputed traces and clamp masks are bit-identical.
+template <bool CLIP, typename scalar_t>
+inline scalar_t clamped(scalar_t hpre, scalar_t c) {
   if constexpr (CLIP) return clamp(hpre, c);
   return hpre;
 }
 
+// One pass over the trace for step t: with UPDATE, reads H_{t-1} from src, applies the
+// update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
+// src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
+// task's partial (B, N_out) sum.
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
 void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* src, scalar_t* dst, int64_t t,
                    scalar_t* partial) {
@@ -201,8 +201,7 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
           for (int64_t j = 0; j < n; ++j) {
             scalar_t h = hs[j];
             if constexpr (UPDATE) {
-              scalar_t hpre;
-              h = advance<R, CLIP>(h, pp, yr[j], er[j], c, hpre);
+              h = clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c);
               hd[j] = h;
             }
             // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
@@ -266,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// H_{t+1} = advance(H_t) for one step of a segment being recomputed (src != dst).
+// H_{t+1} = clamped(updated(H_t)) for one step of a segment being recomputed (src != dst).
 template <typename scalar_t, Rule R, bool CLIP>
 void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn, int64_t t) {
   const Dims d = P.d;
@@ -285,8 +284,7 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
       scalar_t* out = Hn + row * d.n_out;
 #pragma omp simd
       for (int64_t j = 0; j < d.n_out; ++j) {
-        scalar_t hpre;
-        out[j] = advance<R, CLIP>(hr[j], pp, yr[j], er[j], c, hpre);
+        out[j] = clamped<CLIP>(updated<R>(hr[j], pp, yr[j], er[j]), c);
       }
     }
   });
@@ -295,8 +293,8 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
 // One pass over (H_m, G) that runs two half-steps of the backward in sequence on each
 // element, so that G makes one round trip through memory for both:
 //   DRIVE: through a_tb = p_tb (w + alpha H_tb) + d_tb, with tb = m + 1 when UPDATE is
-//     also run (H_{m+1} recomputed in registers from H_m by `advance`, as in the forward,
-//     so it and the clamp mask are bit-identical to the forward's), tb = m otherwise.
+//     also run (H_{m+1} recomputed in registers from H_m as in the forward, so it and the
+//     clamp mask are bit-identical to the forward's), tb = m otherwise.
 //     Adds alpha p ga to G (completing dL/dH_tb), p ga H to dL/dalpha, ga (w + alpha H)
 //     to dp_b (dL/dp_tb).
 //   UPDATE: through the clamp and the update of step m: G becomes the trace path of
@@ -340,12 +338,10 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
           for (int64_t j = 0; j < n; ++j) {
             const scalar_t h = hr[j];
             scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
-            scalar_t yy = 0, ee = 0, hpre = 0, hb = h;
-            if constexpr (UPDATE) {
-              yy = yr[j];
-              ee = er[j];
-              hb = advance<R, CLIP>(h, pa, yy, ee, c, hpre);
-            }
+            const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
+            const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
+            const scalar_t hpre = UPDATE ? updated<R>(h, pa, yy, ee) : h;
+            const scalar_t hb = UPDATE ? clamped<CLIP>(hpre, c) : h;
             if constexpr (DRIVE) {
               const scalar_t a = ar[j], gg = gab[j];
               const scalar_t pg = pb * gg;
