@@ -27,10 +27,12 @@ from ._validation import PlasticArgs, check_linear, check_rnn
 _OPS_LOADED = _extension.load()
 
 
-#: Default byte limit of the memory policy (checkpoint_every=None): every trace is kept while
-#: T traces take at most this many bytes. The environment variable PLASTIC_OPS_KEEP_TRACES_BYTES,
-#: read at each call, overrides it (0: always checkpoint).
-KEEP_ALL_TRACES_BYTES = 2 * 2**30
+#: Default byte limits of the memory policy (checkpoint_every=None), by device type: every trace
+#: is kept while the T traces take at most this many bytes. 0 on the CPU, where writing T traces
+#: into freshly allocated memory (page faults, no caching allocator) measured slower than
+#: recomputing segments (benchmarks/RESULTS.md, "Fused backward"). The environment variable
+#: PLASTIC_OPS_KEEP_TRACES_BYTES, read at each call, overrides it for every device.
+KEEP_ALL_TRACES_BYTES = {"cpu": 0, "cuda": 2 * 2**30}
 
 
 def default_checkpoint_every(T: int) -> int:
@@ -38,11 +40,11 @@ def default_checkpoint_every(T: int) -> int:
     return max(1, int(round(math.sqrt(T))))
 
 
-def keep_all_traces_bytes() -> int:
+def keep_all_traces_bytes(device_type: str = "cuda") -> int:
     """The policy's byte limit: PLASTIC_OPS_KEEP_TRACES_BYTES when set, else KEEP_ALL_TRACES_BYTES."""
     value = os.environ.get("PLASTIC_OPS_KEEP_TRACES_BYTES")
     if value is None:
-        return KEEP_ALL_TRACES_BYTES
+        return KEEP_ALL_TRACES_BYTES.get(device_type, KEEP_ALL_TRACES_BYTES["cuda"])
     try:
         limit = int(value)
     except ValueError:
@@ -52,13 +54,13 @@ def keep_all_traces_bytes() -> int:
     return limit
 
 
-def choose_checkpoint_every(T: int, trace_bytes: int, limit: Optional[int] = None) -> int:
+def choose_checkpoint_every(T: int, trace_bytes: int, limit: Optional[int] = None, device_type: str = "cuda") -> int:
     """The memory policy of checkpoint_every=None (docs/op_spec.md, "Checkpointing").
 
     K = 1 (every trace kept: no recompute in the backward) when the T traces of trace_bytes
-    each fit in `limit` bytes (default: keep_all_traces_bytes()), else K = about sqrt(T).
+    each fit in `limit` bytes (default: keep_all_traces_bytes(device_type)), else K = about sqrt(T).
     """
-    limit = keep_all_traces_bytes() if limit is None else limit
+    limit = keep_all_traces_bytes(device_type) if limit is None else limit
     return 1 if T * trace_bytes <= limit else default_checkpoint_every(T)
 
 
@@ -81,7 +83,7 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
     if p.checkpoint_every is not None:
         K = min(p.checkpoint_every, p.T)
     else:
-        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.x.element_size())
+        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.x.element_size(), device_type=p.x.device.type)
     return alpha, e, drive, (K if needs_grad else 0)
 
 
@@ -133,8 +135,9 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
         modulation: None, (T, B, 1) or (T, B, N_out): multiplies eta at each step.
         checkpoint_every: K, the trace is saved every K steps for the backward; steps in between are
             recomputed. None (default): K = 1, every trace kept, when the T traces (T * B * N_in * N_out
-            elements) take at most keep_all_traces_bytes() bytes (2 GiB, or PLASTIC_OPS_KEEP_TRACES_BYTES),
-            else K = round(sqrt(T)). Only used when a gradient is needed.
+            elements) take at most keep_all_traces_bytes(device) bytes (CUDA: 2 GiB; CPU: 0, i.e. always
+            checkpoint; PLASTIC_OPS_KEEP_TRACES_BYTES overrides both), else K = round(sqrt(T)). Only used
+            when a gradient is needed.
 
     Returns:
         (y, trace_T): y is (T, B, N_out); trace_T is (B, N_in, N_out), to continue the episode later.

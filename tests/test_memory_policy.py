@@ -19,7 +19,10 @@ def test_policy_keeps_every_trace_under_the_limit():
 
 def test_policy_limit_from_the_environment(monkeypatch):
     monkeypatch.delenv("PLASTIC_OPS_KEEP_TRACES_BYTES", raising=False)
-    assert ops.keep_all_traces_bytes() == ops.KEEP_ALL_TRACES_BYTES
+    assert ops.keep_all_traces_bytes("cpu") == ops.KEEP_ALL_TRACES_BYTES["cpu"] == 0
+    assert ops.keep_all_traces_bytes("cuda") == ops.KEEP_ALL_TRACES_BYTES["cuda"] == 2 * 2**30
+    assert ops.choose_checkpoint_every(106, 4 * 10**6, device_type="cpu") == 10
+    assert ops.choose_checkpoint_every(106, 4 * 10**6, device_type="cuda") == 1
     monkeypatch.setenv("PLASTIC_OPS_KEEP_TRACES_BYTES", "0")
     assert ops.choose_checkpoint_every(16, 4) == 4
     for bad in ("-1", "2GB", ""):

@@ -10,6 +10,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../plastic_common.h"
@@ -59,9 +60,27 @@ void dispatch_rule(Rule rule, bool clip, F&& f) {
   }
 }
 
+// The row loops below are compiled twice: for the baseline x86-64 ISA and for AVX2 (picked
+// at run time when the CPU has it), twice the SIMD width on the compute-bound small traces.
+// AVX2 without FMA: every lane does the same IEEE operations as the baseline build (no
+// contraction), so the trace and its recompute stay bit-identical whichever runs.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PLASTIC_OPS_AVX2_CLONE 1
+#define PLASTIC_OPS_TARGET_AVX2 __attribute__((target("avx2")))
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#else
+#define PLASTIC_OPS_AVX2_CLONE 0
+#define PLASTIC_OPS_TARGET_AVX2
+inline bool cpu_has_avx2() { return false; }
+#endif
+#define PLASTIC_OPS_INLINE inline __attribute__((always_inline))
+
 // Hpre_{t+1} from H_t (before the clamp).
 template <Rule R, typename scalar_t>
-inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
+PLASTIC_OPS_INLINE scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
   if constexpr (R == Rule::Hebb) {
     return (scalar_t(1) - e) * h + e * p * y;
   } else {
@@ -71,7 +90,7 @@ inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
 
 // NaN stays NaN, as with torch.clamp (every comparison with NaN is false).
 template <typename scalar_t>
-inline scalar_t clamp(scalar_t h, scalar_t c) {
+PLASTIC_OPS_INLINE scalar_t clamp(scalar_t h, scalar_t c) {
   return h < -c ? -c : (h > c ? c : h);
 }
 
@@ -163,7 +182,7 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
 // H_{t+1} from Hpre_{t+1}: the forward and the backward's recompute both go through
 // `updated` then `clamped`, so recomputed traces and clamp masks are bit-identical.
 template <bool CLIP, typename scalar_t>
-inline scalar_t clamped(scalar_t hpre, scalar_t c) {
+PLASTIC_OPS_INLINE scalar_t clamped(scalar_t hpre, scalar_t c) {
   if constexpr (CLIP) return clamp(hpre, c);
   return hpre;
 }
@@ -172,6 +191,33 @@ inline scalar_t clamped(scalar_t hpre, scalar_t c) {
 // update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
 // src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
 // task's partial (B, N_out) sum.
+// One trace row of forward_sweep: hd = H_t from hs = H_{t-1} (UPDATE), acc += terms of a_t.
+template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
+PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr,
+                                    const scalar_t* er, scalar_t pc, const scalar_t* wr, const scalar_t* ar,
+                                    scalar_t* accr, int64_t n, scalar_t c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t h = hs[j];
+    if constexpr (UPDATE) {
+      h = clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c);
+      hd[j] = h;
+    }
+    // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
+    // w and alpha*h separately, so inf/NaN come out where the reference has them
+    if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
+  }
+}
+
+#define PLASTIC_OPS_FORWARD_ROW(NAME, TARGET)                                                                   \
+  template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>                                     \
+  TARGET void NAME(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr, const scalar_t* er,      \
+                   scalar_t pc, const scalar_t* wr, const scalar_t* ar, scalar_t* accr, int64_t n, scalar_t c) { \
+    forward_row<scalar_t, R, CLIP, UPDATE, ACCUM>(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);                 \
+  }
+PLASTIC_OPS_FORWARD_ROW(forward_row_base, )
+PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
+
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
 void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* src, scalar_t* dst, int64_t t,
                    scalar_t* partial) {
@@ -182,6 +228,8 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
   const scalar_t* p_cur = ACCUM ? P.pre(t) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
+  const auto row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, UPDATE, ACCUM>
+                                  : forward_row_base<scalar_t, R, CLIP, UPDATE, ACCUM>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* acc = ACCUM ? partial + k * d.B * n : nullptr;
@@ -197,17 +245,7 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
           const scalar_t* er = UPDATE ? e_prev + b * n : nullptr;
           const scalar_t pc = ACCUM ? p_cur[b * d.n_in + i] : scalar_t(0);
           scalar_t* accr = ACCUM ? acc + b * n : nullptr;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) {
-            scalar_t h = hs[j];
-            if constexpr (UPDATE) {
-              h = clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c);
-              hd[j] = h;
-            }
-            // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
-            // w and alpha*h separately, so inf/NaN come out where the reference has them
-            if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
-          }
+          row(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);
         }
       }
     }
@@ -240,7 +278,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   const scalar_t* h0p = h0.data_ptr<scalar_t>();
   if (d.K > 0) std::copy(h0p, h0p + trace_numel, ckp);
   // Where H_t is written (and then read from).
-  auto slot = [&](int64_t t) -> scalar_t* { return d.K > 0 && t < d.T && t % d.K == 0 ? ckp + (t / d.K) * trace_numel : Hp; };
+  auto slot = [&](int64_t t) -> scalar_t* {
+    return d.K > 0 && t < d.T && t % d.K == 0 ? ckp + (t / d.K) * trace_numel : Hp;
+  };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
@@ -274,6 +314,8 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
   const scalar_t* et = P.e_at(t);
   const scalar_t c = P.clip;
   const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / std::max<int64_t>(1, d.n_out));
+  const auto step_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, true, false>
+                                       : forward_row_base<scalar_t, R, CLIP, true, false>;
   at::parallel_for(0, d.B * d.n_in, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / d.n_in;
@@ -282,13 +324,76 @@ void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn
       const scalar_t* er = et + b * d.n_out;
       const scalar_t* hr = Ht + row * d.n_out;
       scalar_t* out = Hn + row * d.n_out;
-#pragma omp simd
-      for (int64_t j = 0; j < d.n_out; ++j) {
-        out[j] = clamped<CLIP>(updated<R>(hr[j], pp, yr[j], er[j]), c);
-      }
+      // the forward's row loop without the a_t terms: the same operations, the same bits
+      step_row(hr, out, pp, yr, er, scalar_t(0), nullptr, nullptr, nullptr, d.n_out, c);
     }
   });
 }
+
+// One trace row (b, i) of backward_pass; returns (dL/dp_m, dL/dp_tb) of the row.
+template <typename scalar_t>
+struct BackwardRow {
+  const scalar_t* hr;  // H_m
+  const scalar_t* gin;
+  scalar_t* gout;
+  scalar_t pa;  // p_m
+  const scalar_t *yr, *er;
+  scalar_t *ger, *gyr;  // partials of dL/de_m, dL/dy_m
+  scalar_t pb;  // p_tb
+  const scalar_t *gab, *wr, *ar;
+  scalar_t* gar;  // dL/dalpha
+};
+
+template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<scalar_t>& r, int64_t n, scalar_t c) {
+  const scalar_t *hr = r.hr, *gin = r.gin, *yr = r.yr, *er = r.er, *gab = r.gab, *wr = r.wr, *ar = r.ar;
+  scalar_t *gout = r.gout, *ger = r.ger, *gyr = r.gyr, *gar = r.gar;
+  const scalar_t pa = r.pa, pb = r.pb;
+  scalar_t sb = 0, sa = 0;
+#pragma omp simd reduction(+ : sa, sb)
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t h = hr[j];
+    scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
+    const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
+    const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
+    const scalar_t hpre = UPDATE ? updated<R>(h, pa, yy, ee) : h;
+    const scalar_t hb = UPDATE ? clamped<CLIP>(hpre, c) : h;
+    if constexpr (DRIVE) {
+      const scalar_t a = ar[j], gg = gab[j];
+      const scalar_t pg = pb * gg;
+      g += pg * a;  // products in the reference's order (see forward_sweep)
+      gar[j] += pg * hb;
+      sb += gg * wr[j] + gg * (a * hb);
+    }
+    if constexpr (UPDATE) {
+      if constexpr (CLIP) g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
+      // Terms kept apart as autograd keeps them on the reference (no factoring), so an
+      // infinite g gives inf - inf = NaN exactly where the reference does.
+      if constexpr (R == Rule::Hebb) {
+        ger[j] += g * (pa * yy) - g * h;
+        gyr[j] += g * ee * pa;
+        sa += g * ee * yy;
+        g = g * (scalar_t(1) - ee);
+      } else {
+        const scalar_t gey = g * ee * yy;
+        ger[j] += g * yy * (pa - h * yy);
+        gyr[j] += g * ee * (pa - h * yy) - gey * h;
+        sa += g * ee * yy;
+        g = g - gey * yy;
+      }
+    }
+    gout[j] = g;
+  }
+  return {sa, sb};
+}
+
+#define PLASTIC_OPS_BACKWARD_ROW(NAME, TARGET)                                                                 \
+  template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>                       \
+  TARGET std::pair<scalar_t, scalar_t> NAME(const BackwardRow<scalar_t>& r, scalar_t c, int64_t n) {          \
+    return backward_row<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>(r, n, c);                                    \
+  }
+PLASTIC_OPS_BACKWARD_ROW(backward_row_base, )
+PLASTIC_OPS_BACKWARD_ROW(backward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 
 // One pass over (H_m, G) that runs two half-steps of the backward in sequence on each
 // element, so that G makes one round trip through memory for both:
@@ -312,6 +417,8 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
   const scalar_t* p_b = DRIVE ? P.pre(tb) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
+  const auto row_fn = cpu_has_avx2() ? backward_row_avx2<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>
+                                     : backward_row_base<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* ge = UPDATE ? partial + 2 * k * d.B * n : nullptr;
@@ -333,41 +440,8 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
           scalar_t* gyr = UPDATE ? gy + b * n : nullptr;
           const scalar_t pb = DRIVE ? p_b[row] : scalar_t(0);
           const scalar_t* gab = DRIVE ? ga + b * n : nullptr;
-          scalar_t sb = 0, sa = 0;
-#pragma omp simd reduction(+ : sa, sb)
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t h = hr[j];
-            scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
-            const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
-            const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
-            const scalar_t hpre = UPDATE ? updated<R>(h, pa, yy, ee) : h;
-            const scalar_t hb = UPDATE ? clamped<CLIP>(hpre, c) : h;
-            if constexpr (DRIVE) {
-              const scalar_t a = ar[j], gg = gab[j];
-              const scalar_t pg = pb * gg;
-              g += pg * a;  // products in the reference's order (see forward_sweep)
-              gar[j] += pg * hb;
-              sb += gg * wr[j] + gg * (a * hb);
-            }
-            if constexpr (UPDATE) {
-              if constexpr (CLIP) g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
-              // Terms kept apart as autograd keeps them on the reference (no factoring), so an
-              // infinite g gives inf - inf = NaN exactly where the reference does.
-              if constexpr (R == Rule::Hebb) {
-                ger[j] += g * (pa * yy) - g * h;
-                gyr[j] += g * ee * pa;
-                sa += g * ee * yy;
-                g = g * (scalar_t(1) - ee);
-              } else {
-                const scalar_t gey = g * ee * yy;
-                ger[j] += g * yy * (pa - h * yy);
-                gyr[j] += g * ee * (pa - h * yy) - gey * h;
-                sa += g * ee * yy;
-                g = g - gey * yy;
-              }
-            }
-            gout[j] = g;
-          }
+          const auto sums = row_fn({hr, gin, gout, pa, yr, er, ger, gyr, pb, gab, wr, ar, gar}, c, n);
+          const scalar_t sa = sums.first, sb = sums.second;
           if (DRIVE) dp_b[row] += sb;
           if (UPDATE) dp_a[row] = sa;
         }
