@@ -305,27 +305,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// H_{t+1} = clamped(updated(H_t)) for one step of a segment being recomputed (src != dst).
+// H_{s+1} .. H_{s+L-1} into seg[0 .. L-2] from the checkpoint H_s. Trace rows are
+// independent through the update, so each row runs every step of the segment while it is
+// in cache: one parallel region per segment, the checkpoint row read once, each new row
+// written once.
 template <typename scalar_t, Rule R, bool CLIP>
-void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn, int64_t t) {
+void recompute_segment(const Problem<scalar_t>& P, const scalar_t* Hs, scalar_t* seg, int64_t s, int64_t L) {
   const Dims d = P.d;
-  const scalar_t* p = P.pre(t);
-  const scalar_t* yt = P.y_at(t);
-  const scalar_t* et = P.e_at(t);
   const scalar_t c = P.clip;
-  const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / std::max<int64_t>(1, d.n_out));
+  const int64_t trace_numel = d.B * d.n_in * d.n_out;
+  const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / std::max<int64_t>(1, d.n_out * (L - 1)));
   const auto step_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, true, false>
                                        : forward_row_base<scalar_t, R, CLIP, true, false>;
   at::parallel_for(0, d.B * d.n_in, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / d.n_in;
-      const scalar_t pp = p[row];
-      const scalar_t* yr = yt + b * d.n_out;
-      const scalar_t* er = et + b * d.n_out;
-      const scalar_t* hr = Ht + row * d.n_out;
-      scalar_t* out = Hn + row * d.n_out;
-      // the forward's row loop without the a_t terms: the same operations, the same bits
-      step_row(hr, out, pp, yr, er, scalar_t(0), nullptr, nullptr, nullptr, d.n_out, c);
+      const scalar_t* src = Hs + row * d.n_out;
+      for (int64_t l = 0; l + 1 < L; ++l) {
+        const int64_t t = s + l;
+        scalar_t* out = seg + l * trace_numel + row * d.n_out;
+        // the forward's row loop without the a_t terms: the same operations, the same bits
+        step_row(src, out, P.pre(t)[row], P.y_at(t) + b * d.n_out, P.e_at(t) + b * d.n_out, scalar_t(0), nullptr,
+                 nullptr, nullptr, d.n_out, c);
+        src = out;
+      }
     }
   });
 }
@@ -532,7 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t m = d.T - 1; m >= 0; --m) {
       const int64_t s = m - m % d.K;
       if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1)) {  // entering segment [s, m]
-        for (int64_t t = s; t < m; ++t) recompute_step<scalar_t, R, CLIP>(P, H_at(t), segp + (t - s) * trace_numel, t);
+        recompute_segment<scalar_t, R, CLIP>(P, H_at(s), segp, s, m - s + 1);
       }
       const bool drive = m + 1 < d.T;
       if (!drive && g_zero) {  // UPDATE of step T-1 against a zero G: every term is zero
