@@ -218,6 +218,9 @@ def _register():
             pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
+            # An output that gets no gradient stays None: no zeros the size of the checkpoints
+            # (never differentiated) or of the final trace are built for the backward
+            ctx.set_materialize_grads(False)
             # drive and h0 only serve a double backward; h0 equals ckpts[0] unless it has a graph
             ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None)
             ctx.meta = (rule, activation, clip, K)
