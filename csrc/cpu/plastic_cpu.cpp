@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -60,23 +61,26 @@ void dispatch_rule(Rule rule, bool clip, F&& f) {
   }
 }
 
-// The row loops below are compiled twice: for the baseline x86-64 ISA and for AVX2 (picked
-// at run time when the CPU has it), twice the SIMD width on the compute-bound small traces.
-// AVX2 without FMA: every lane does the same IEEE operations as the baseline build (no
-// contraction), so the trace and its recompute stay bit-identical whichever runs.
+// The row loops below are compiled twice: for the baseline x86-64 ISA and for AVX2, picked
+// at run time when the CPU has it (and PLASTIC_OPS_NO_AVX2 is unset): twice the SIMD width
+// where a loop is bound by compute rather than memory. AVX2 without FMA: every lane does
+// the same IEEE operations as in the baseline build (no contraction), so the traces and
+// their recompute are bit-identical whichever version runs.
 #if defined(__GNUC__) && defined(__x86_64__)
-#define PLASTIC_OPS_AVX2_CLONE 1
 #define PLASTIC_OPS_TARGET_AVX2 __attribute__((target("avx2")))
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("PLASTIC_OPS_NO_AVX2") == nullptr;
   return has;
 }
 #else
-#define PLASTIC_OPS_AVX2_CLONE 0
 #define PLASTIC_OPS_TARGET_AVX2
 inline bool cpu_has_avx2() { return false; }
 #endif
+#if defined(__GNUC__)
 #define PLASTIC_OPS_INLINE inline __attribute__((always_inline))
+#else
+#define PLASTIC_OPS_INLINE inline
+#endif
 
 // Hpre_{t+1} from H_t (before the clamp).
 template <Rule R, typename scalar_t>
@@ -187,10 +191,6 @@ PLASTIC_OPS_INLINE scalar_t clamped(scalar_t hpre, scalar_t c) {
   return hpre;
 }
 
-// One pass over the trace for step t: with UPDATE, reads H_{t-1} from src, applies the
-// update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
-// src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
-// task's partial (B, N_out) sum.
 // One trace row of forward_sweep: hd = H_t from hs = H_{t-1} (UPDATE), acc += terms of a_t.
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
 PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr,
@@ -218,6 +218,10 @@ PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t p
 PLASTIC_OPS_FORWARD_ROW(forward_row_base, )
 PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 
+// One pass over the trace for step t: with UPDATE, reads H_{t-1} from src, applies the
+// update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
+// src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
+// task's partial (B, N_out) sum.
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
 void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* src, scalar_t* dst, int64_t t,
                    scalar_t* partial) {
