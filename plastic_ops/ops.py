@@ -15,6 +15,7 @@ and forward-mode AD").
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -26,9 +27,41 @@ from ._validation import PlasticArgs, check_linear, check_rnn
 _OPS_LOADED = _extension.load()
 
 
+#: Default byte limits of the memory policy (checkpoint_every=None), by device type: every trace
+#: is kept while the T traces take at most this many bytes. 0 on the CPU, where writing T traces
+#: into freshly allocated memory (page faults, no caching allocator) measured slower than
+#: recomputing segments (benchmarks/RESULTS.md, "Fused backward"). The environment variable
+#: PLASTIC_OPS_KEEP_TRACES_BYTES, read at each call, overrides it for every device.
+KEEP_ALL_TRACES_BYTES = {"cpu": 0, "cuda": 2 * 2**30}
+
+
 def default_checkpoint_every(T: int) -> int:
     """K about sqrt(T): memory of C = ceil(T/K) saved traces plus K recomputed ones is minimal."""
     return max(1, int(round(math.sqrt(T))))
+
+
+def keep_all_traces_bytes(device_type: str = "cuda") -> int:
+    """The policy's byte limit: PLASTIC_OPS_KEEP_TRACES_BYTES when set, else KEEP_ALL_TRACES_BYTES."""
+    value = os.environ.get("PLASTIC_OPS_KEEP_TRACES_BYTES")
+    if value is None:
+        return KEEP_ALL_TRACES_BYTES.get(device_type, KEEP_ALL_TRACES_BYTES["cuda"])
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(f"PLASTIC_OPS_KEEP_TRACES_BYTES must be a number of bytes >= 0, got {value!r}")
+    return limit
+
+
+def choose_checkpoint_every(T: int, trace_bytes: int, limit: Optional[int] = None, device_type: str = "cuda") -> int:
+    """The memory policy of checkpoint_every=None (docs/op_spec.md, "Checkpointing").
+
+    K = 1 (every trace kept: no recompute in the backward) when the T traces of trace_bytes
+    each fit in `limit` bytes (default: keep_all_traces_bytes(device_type)), else K = about sqrt(T).
+    """
+    limit = keep_all_traces_bytes(device_type) if limit is None else limit
+    return 1 if T * trace_bytes <= limit else default_checkpoint_every(T)
 
 
 def num_checkpoints(T: int, K: int) -> int:
@@ -47,7 +80,10 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
         drive = p.bias.expand(p.T, p.B, p.n_out) if p.bias is not None else p.x.new_zeros(p.T, p.B, p.n_out)
     drive = drive.contiguous()
     # K > T saves the same single checkpoint as K = T; clamping keeps every count small
-    K = min(p.checkpoint_every, p.T) if p.checkpoint_every is not None else default_checkpoint_every(p.T)
+    if p.checkpoint_every is not None:
+        K = min(p.checkpoint_every, p.T)
+    else:
+        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.x.element_size(), device_type=p.x.device.type)
     return alpha, e, drive, (K if needs_grad else 0)
 
 
@@ -97,7 +133,11 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
         activation: "tanh", "sigmoid", "relu", "identity" or "softmax" (over N_out).
         clip: None or a positive number: the trace is clamped to [-clip, clip] after each update.
         modulation: None, (T, B, 1) or (T, B, N_out): multiplies eta at each step.
-        checkpoint_every: K, the trace is saved every K steps for the backward (default about sqrt(T)).
+        checkpoint_every: K, the trace is saved every K steps for the backward; steps in between are
+            recomputed. None (default): K = 1, every trace kept, when the T traces (T * B * N_in * N_out
+            elements) take at most keep_all_traces_bytes(device) bytes (CUDA: 2 GiB; CPU: 0, i.e. always
+            checkpoint; PLASTIC_OPS_KEEP_TRACES_BYTES overrides both), else K = round(sqrt(T)). Only used
+            when a gradient is needed.
 
     Returns:
         (y, trace_T): y is (T, B, N_out); trace_T is (B, N_in, N_out), to continue the episode later.
@@ -166,8 +206,9 @@ def _register():
                 h0.new_empty((C,) + tuple(h0.shape)))
 
     def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K):
+        # grad_hT may be the empty stand-in for zeros: the trace's shape comes from y and w
         return (pre.new_empty(pre.shape), y.new_empty(y.shape), w.new_empty(w.shape),
-                alpha.new_empty(alpha.shape), e.new_empty(e.shape), grad_hT.new_empty(grad_hT.shape))
+                alpha.new_empty(alpha.shape), e.new_empty(e.shape), y.new_empty((y.shape[1],) + tuple(w.shape)))
 
     for form in ("plastic_linear", "plastic_rnn"):
         torch.library.register_fake(f"plastic_ops::{form}_forward")(fake_forward)
@@ -177,6 +218,9 @@ def _register():
             pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
+            # An output that gets no gradient stays None: no zeros the size of the checkpoints
+            # (never differentiated) or of the final trace are built for the backward
+            ctx.set_materialize_grads(False)
             # drive and h0 only serve a double backward; h0 equals ckpts[0] unless it has a graph
             ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None)
             ctx.meta = (rule, activation, clip, K)
@@ -189,12 +233,15 @@ def _register():
             rule, activation, clip, K = ctx.meta
             if grad_y is None:
                 grad_y = torch.zeros_like(y)
-            if grad_hT is None:
-                grad_hT = ckpts.new_zeros(ckpts.shape[1:])
             if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+                if grad_hT is None:
+                    grad_hT = ckpts.new_zeros(ckpts.shape[1:])
                 h0 = ckpts[0] if h0 is None else h0
                 return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
                                                 ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta)
+            if grad_hT is None:
+                # the CPU kernel reads an empty tensor as dL/dH_T = 0 and builds no trace of zeros
+                grad_hT = ckpts.new_empty(0) if ckpts.device.type == "cpu" else ckpts.new_zeros(ckpts.shape[1:])
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
                 grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K)
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads

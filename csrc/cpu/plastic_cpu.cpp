@@ -7,9 +7,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "../plastic_common.h"
 
@@ -58,9 +61,30 @@ void dispatch_rule(Rule rule, bool clip, F&& f) {
   }
 }
 
+// The row loops below are compiled twice: for the baseline x86-64 ISA and for AVX2, picked
+// at run time when the CPU has it (and PLASTIC_OPS_NO_AVX2 is unset): twice the SIMD width
+// where a loop is bound by compute rather than memory. AVX2 without FMA: every lane does
+// the same IEEE operations as in the baseline build (no contraction), so the traces and
+// their recompute are bit-identical whichever version runs.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PLASTIC_OPS_TARGET_AVX2 __attribute__((target("avx2")))
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("PLASTIC_OPS_NO_AVX2") == nullptr;
+  return has;
+}
+#else
+#define PLASTIC_OPS_TARGET_AVX2
+inline bool cpu_has_avx2() { return false; }
+#endif
+#if defined(__GNUC__)
+#define PLASTIC_OPS_INLINE inline __attribute__((always_inline))
+#else
+#define PLASTIC_OPS_INLINE inline
+#endif
+
 // Hpre_{t+1} from H_t (before the clamp).
 template <Rule R, typename scalar_t>
-inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
+PLASTIC_OPS_INLINE scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
   if constexpr (R == Rule::Hebb) {
     return (scalar_t(1) - e) * h + e * p * y;
   } else {
@@ -70,7 +94,7 @@ inline scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
 
 // NaN stays NaN, as with torch.clamp (every comparison with NaN is false).
 template <typename scalar_t>
-inline scalar_t clamp(scalar_t h, scalar_t c) {
+PLASTIC_OPS_INLINE scalar_t clamp(scalar_t h, scalar_t c) {
   return h < -c ? -c : (h > c ? c : h);
 }
 
@@ -159,10 +183,48 @@ void activation_backward(const scalar_t* g, const scalar_t* y, scalar_t* ga, int
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// One pass over the trace: applies the update of step t-1 (UPDATE) and accumulates the
-// terms of a_t with the fresh values (ACCUM) into each task's partial (B, N_out) sum.
+// H_{t+1} from Hpre_{t+1}: the forward and the backward's recompute both go through
+// `updated` then `clamped`, so recomputed traces and clamp masks are bit-identical.
+template <bool CLIP, typename scalar_t>
+PLASTIC_OPS_INLINE scalar_t clamped(scalar_t hpre, scalar_t c) {
+  if constexpr (CLIP) return clamp(hpre, c);
+  return hpre;
+}
+
+// One trace row of forward_sweep: hd = H_t from hs = H_{t-1} (UPDATE), acc += terms of a_t.
 template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
-void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int64_t t, scalar_t* partial) {
+PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr,
+                                    const scalar_t* er, scalar_t pc, const scalar_t* wr, const scalar_t* ar,
+                                    scalar_t* accr, int64_t n, scalar_t c) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t h = hs[j];
+    if constexpr (UPDATE) {
+      h = clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c);
+      hd[j] = h;
+    }
+    // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
+    // w and alpha*h separately, so inf/NaN come out where the reference has them
+    if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
+  }
+}
+
+#define PLASTIC_OPS_FORWARD_ROW(NAME, TARGET)                                                                   \
+  template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>                                     \
+  TARGET void NAME(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr, const scalar_t* er,      \
+                   scalar_t pc, const scalar_t* wr, const scalar_t* ar, scalar_t* accr, int64_t n, scalar_t c) { \
+    forward_row<scalar_t, R, CLIP, UPDATE, ACCUM>(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);                 \
+  }
+PLASTIC_OPS_FORWARD_ROW(forward_row_base, )
+PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
+
+// One pass over the trace for step t: with UPDATE, reads H_{t-1} from src, applies the
+// update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
+// src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
+// task's partial (B, N_out) sum.
+template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
+void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* src, scalar_t* dst, int64_t t,
+                   scalar_t* partial) {
   const Dims d = P.d;
   const scalar_t* p_prev = UPDATE ? P.pre(t - 1) : nullptr;
   const scalar_t* y_prev = UPDATE ? P.y_at(t - 1) : nullptr;
@@ -170,6 +232,8 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int
   const scalar_t* p_cur = ACCUM ? P.pre(t) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
+  const auto row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, UPDATE, ACCUM>
+                                  : forward_row_base<scalar_t, R, CLIP, UPDATE, ACCUM>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* acc = ACCUM ? partial + k * d.B * n : nullptr;
@@ -178,30 +242,23 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, scalar_t* H, int
         const scalar_t* wr = P.w + i * n;
         const scalar_t* ar = P.alpha + i * n;
         for (int64_t b = 0; b < d.B; ++b) {
-          scalar_t* hr = H + (b * d.n_in + i) * n;
+          const scalar_t* hs = src + (b * d.n_in + i) * n;
+          scalar_t* hd = UPDATE ? dst + (b * d.n_in + i) * n : nullptr;
           const scalar_t pp = UPDATE ? p_prev[b * d.n_in + i] : scalar_t(0);
           const scalar_t* yr = UPDATE ? y_prev + b * n : nullptr;
           const scalar_t* er = UPDATE ? e_prev + b * n : nullptr;
           const scalar_t pc = ACCUM ? p_cur[b * d.n_in + i] : scalar_t(0);
           scalar_t* accr = ACCUM ? acc + b * n : nullptr;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) {
-            scalar_t h = hr[j];
-            if constexpr (UPDATE) {
-              h = updated<R>(h, pp, yr[j], er[j]);
-              if constexpr (CLIP) h = clamp(h, c);
-              hr[j] = h;
-            }
-            // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
-            // w and alpha*h separately, so inf/NaN come out where the reference has them
-            if constexpr (ACCUM) accr[j] += pc * wr[j] + pc * (ar[j] * h);
-          }
+          row(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);
         }
       }
     }
   });
 }
 
+// Every H_t lands once, straight where it is kept: in checkpoint slot t / K when K divides
+// t, else in the output trace (the working buffer, updated in place), which ends as H_T.
+// No copy of the trace is made except H_0 into checkpoint 0.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pre, const at::Tensor& drive,
                                                            const at::Tensor& w, const at::Tensor& alpha,
@@ -209,35 +266,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
                                                            Act act, c10::optional<double> clip, const Dims& d,
                                                            bool recurrent) {
   auto y = at::empty({d.T, d.B, d.n_out}, drive.options());
-  auto H = h0.clone();
+  auto H = at::empty_like(h0);
   auto ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
   const Split sp = make_split(d);
   auto acc = at::empty({d.B, d.n_out}, drive.options());
   auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive.options());
   const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
   scalar_t* Hp = H.data_ptr<scalar_t>();
+  scalar_t* ckp = ckpts.data_ptr<scalar_t>();
   scalar_t* accp = acc.data_ptr<scalar_t>();
   scalar_t* partp = partial.data_ptr<scalar_t>();
   const scalar_t* drv = drive.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
+  const scalar_t* h0p = h0.data_ptr<scalar_t>();
+  if (d.K > 0) std::copy(h0p, h0p + trace_numel, ckp);
+  // Where H_t is written (and then read from).
+  auto slot = [&](int64_t t) -> scalar_t* {
+    return d.K > 0 && t < d.T && t % d.K == 0 ? ckp + (t / d.K) * trace_numel : Hp;
+  };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
+    const scalar_t* cur = h0p;  // holds H_t
     for (int64_t t = 0; t < d.T; ++t) {
       if (t == 0) {
-        forward_sweep<scalar_t, R, CLIP, false, true>(P, sp, Hp, t, partp);
+        forward_sweep<scalar_t, R, CLIP, false, true>(P, sp, cur, nullptr, t, partp);
       } else {
-        forward_sweep<scalar_t, R, CLIP, true, true>(P, sp, Hp, t, partp);
+        scalar_t* next = slot(t);
+        forward_sweep<scalar_t, R, CLIP, true, true>(P, sp, cur, next, t, partp);
+        cur = next;
       }
       add_partials(accp, drv + t * d.B * d.n_out, partp, sp.tasks, d.B * d.n_out);
       activate_rows(accp, yp + t * d.B * d.n_out, d.B, d.n_out, act);
-      if (d.K > 0 && t % d.K == 0) {  // H now holds H_t
-        std::copy(Hp, Hp + trace_numel, ckpts.data_ptr<scalar_t>() + (t / d.K) * trace_numel);
-      }
     }
-    forward_sweep<scalar_t, R, CLIP, true, false>(P, sp, Hp, d.T, nullptr);  // H_T
+    forward_sweep<scalar_t, R, CLIP, true, false>(P, sp, cur, Hp, d.T, nullptr);  // H_T
   });
   return {y, H, ckpts};
 }
@@ -245,189 +309,258 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// H_{t+1} = clamp(update(H_t)) for one step of a segment being recomputed.
+// H_{s+1} .. H_{s+L-1} into seg[0 .. L-2] from the checkpoint H_s. Trace rows are
+// independent through the update, so each row runs every step of the segment while it is
+// in cache: one parallel region per segment, the checkpoint row read once, each new row
+// written once.
 template <typename scalar_t, Rule R, bool CLIP>
-void recompute_step(const Problem<scalar_t>& P, const scalar_t* Ht, scalar_t* Hn, int64_t t) {
+void recompute_segment(const Problem<scalar_t>& P, const scalar_t* Hs, scalar_t* seg, int64_t s, int64_t L) {
   const Dims d = P.d;
-  const scalar_t* p = P.pre(t);
-  const scalar_t* yt = P.y_at(t);
-  const scalar_t* et = P.e_at(t);
   const scalar_t c = P.clip;
-  const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / d.n_out);
+  const int64_t trace_numel = d.B * d.n_in * d.n_out;
+  const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / std::max<int64_t>(1, d.n_out * (L - 1)));
+  const auto step_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, true, false>
+                                       : forward_row_base<scalar_t, R, CLIP, true, false>;
   at::parallel_for(0, d.B * d.n_in, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / d.n_in;
-      const scalar_t pp = p[row];
-      const scalar_t* yr = yt + b * d.n_out;
-      const scalar_t* er = et + b * d.n_out;
-      const scalar_t* hr = Ht + row * d.n_out;
-      scalar_t* out = Hn + row * d.n_out;
-#pragma omp simd
-      for (int64_t j = 0; j < d.n_out; ++j) {
-        scalar_t h = updated<R>(hr[j], pp, yr[j], er[j]);
-        if constexpr (CLIP) h = clamp(h, c);
-        out[j] = h;
+      const scalar_t* src = Hs + row * d.n_out;
+      for (int64_t l = 0; l + 1 < L; ++l) {
+        const int64_t t = s + l;
+        scalar_t* out = seg + l * trace_numel + row * d.n_out;
+        // the forward's row loop without the a_t terms: the same operations, the same bits
+        step_row(src, out, P.pre(t)[row], P.y_at(t) + b * d.n_out, P.e_at(t) + b * d.n_out, scalar_t(0), nullptr,
+                 nullptr, nullptr, d.n_out, c);
+        src = out;
       }
     }
   });
 }
 
-// Sweep A of step t: through the clamp and the update. G (dL/dH_{t+1}) becomes the trace
-// path of dL/dH_t; sets dp (dL/dp_t, B x N_in) and fills each task's partials of
-// dL/de_t and dL/dy_t (two (B, N_out) blocks per task).
-template <typename scalar_t, Rule R, bool CLIP>
-void backward_sweep_update(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Ht, scalar_t* G, int64_t t,
-                           scalar_t* dp, scalar_t* partial) {
+// One trace row (b, i) of backward_pass; returns (dL/dp_m, dL/dp_tb) of the row.
+template <typename scalar_t>
+struct BackwardRow {
+  const scalar_t* hr;  // H_m
+  const scalar_t* gin;
+  scalar_t* gout;
+  scalar_t pa;  // p_m
+  const scalar_t *yr, *er;
+  scalar_t *ger, *gyr;  // partials of dL/de_m, dL/dy_m
+  scalar_t pb;  // p_tb
+  const scalar_t *gab, *wr, *ar;
+  scalar_t* gar;  // dL/dalpha
+};
+
+template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<scalar_t>& r, int64_t n, scalar_t c) {
+  const scalar_t *hr = r.hr, *gin = r.gin, *yr = r.yr, *er = r.er, *gab = r.gab, *wr = r.wr, *ar = r.ar;
+  scalar_t *gout = r.gout, *ger = r.ger, *gyr = r.gyr, *gar = r.gar;
+  const scalar_t pa = r.pa, pb = r.pb;
+  scalar_t sb = 0, sa = 0;
+#pragma omp simd reduction(+ : sa, sb)
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t h = hr[j];
+    scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
+    const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
+    const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
+    const scalar_t hpre = UPDATE ? updated<R>(h, pa, yy, ee) : h;
+    const scalar_t hb = UPDATE ? clamped<CLIP>(hpre, c) : h;
+    if constexpr (DRIVE) {
+      const scalar_t a = ar[j], gg = gab[j];
+      const scalar_t pg = pb * gg;
+      g += pg * a;  // products in the reference's order (see forward_sweep)
+      gar[j] += pg * hb;
+      sb += gg * wr[j] + gg * (a * hb);
+    }
+    if constexpr (UPDATE) {
+      if constexpr (CLIP) g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
+      // Terms kept apart as autograd keeps them on the reference (no factoring), so an
+      // infinite g gives inf - inf = NaN exactly where the reference does.
+      if constexpr (R == Rule::Hebb) {
+        ger[j] += g * (pa * yy) - g * h;
+        gyr[j] += g * ee * pa;
+        sa += g * ee * yy;
+        g = g * (scalar_t(1) - ee);
+      } else {
+        const scalar_t gey = g * ee * yy;
+        ger[j] += g * yy * (pa - h * yy);
+        gyr[j] += g * ee * (pa - h * yy) - gey * h;
+        sa += g * ee * yy;
+        g = g - gey * yy;
+      }
+    }
+    gout[j] = g;
+  }
+  return {sa, sb};
+}
+
+#define PLASTIC_OPS_BACKWARD_ROW(NAME, TARGET)                                                                 \
+  template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>                       \
+  TARGET std::pair<scalar_t, scalar_t> NAME(const BackwardRow<scalar_t>& r, scalar_t c, int64_t n) {          \
+    return backward_row<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>(r, n, c);                                    \
+  }
+PLASTIC_OPS_BACKWARD_ROW(backward_row_base, )
+PLASTIC_OPS_BACKWARD_ROW(backward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
+
+// One pass over (H_m, G) that runs two half-steps of the backward in sequence on each
+// element, so that G makes one round trip through memory for both:
+//   DRIVE: through a_tb = p_tb (w + alpha H_tb) + d_tb, with tb = m + 1 when UPDATE is
+//     also run (H_{m+1} recomputed in registers from H_m as in the forward, so it and the
+//     clamp mask are bit-identical to the forward's), tb = m otherwise.
+//     Adds alpha p ga to G (completing dL/dH_tb), p ga H to dL/dalpha, ga (w + alpha H)
+//     to dp_b (dL/dp_tb).
+//   UPDATE: through the clamp and the update of step m: G becomes the trace path of
+//     dL/dH_m; sets dp_a (dL/dp_m) and fills each task's partials of dL/de_m and dL/dy_m.
+// G_ZERO: G holds zeros (dL/dH_T not given), so it is written without being read.
+template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Hm, const scalar_t* Gin,
+                   scalar_t* Gout, int64_t m, const scalar_t* ga, scalar_t* galpha, scalar_t* dp_b, scalar_t* dp_a,
+                   scalar_t* partial) {
   const Dims d = P.d;
-  const scalar_t* p = P.pre(t);
-  const scalar_t* yt = P.y_at(t);
-  const scalar_t* et = P.e_at(t);
+  const int64_t tb = UPDATE ? m + 1 : m;
+  const scalar_t* p_a = UPDATE ? P.pre(m) : nullptr;
+  const scalar_t* y_a = UPDATE ? P.y_at(m) : nullptr;
+  const scalar_t* e_a = UPDATE ? P.e_at(m) : nullptr;
+  const scalar_t* p_b = DRIVE ? P.pre(tb) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
+  const auto row_fn = cpu_has_avx2() ? backward_row_avx2<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>
+                                     : backward_row_base<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      scalar_t* ge = partial + 2 * k * d.B * n;
-      scalar_t* gy = ge + d.B * n;
-      std::fill(ge, ge + 2 * d.B * n, scalar_t(0));
-      for (int64_t i = sp.begin(k, d.n_in); i < sp.end(k, d.n_in); ++i) {
-        for (int64_t b = 0; b < d.B; ++b) {
-          const int64_t row = b * d.n_in + i;
-          const scalar_t pp = p[row];
-          const scalar_t* hr = Ht + row * n;
-          scalar_t* gr = G + row * n;
-          const scalar_t* yr = yt + b * n;
-          const scalar_t* er = et + b * n;
-          scalar_t* ger = ge + b * n;
-          scalar_t* gyr = gy + b * n;
-          scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t h = hr[j], yy = yr[j], ee = er[j];
-            scalar_t g = gr[j];
-            if constexpr (CLIP) {
-              const scalar_t hp = updated<R>(h, pp, yy, ee);
-              g = (hp >= -c && hp <= c) ? g : scalar_t(0);
-            }
-            // Terms kept apart as autograd keeps them on the reference (no factoring), so an
-            // infinite g gives inf - inf = NaN exactly where the reference does.
-            if constexpr (R == Rule::Hebb) {
-              ger[j] += g * (pp * yy) - g * h;
-              gyr[j] += g * ee * pp;
-              gr[j] = g * (scalar_t(1) - ee);
-            } else {
-              const scalar_t gey = g * ee * yy;
-              ger[j] += g * yy * (pp - h * yy);
-              gyr[j] += g * ee * (pp - h * yy) - gey * h;
-              gr[j] = g - gey * yy;
-            }
-            s += g * ee * yy;
-          }
-          dp[row] = s;
-        }
-      }
-    }
-  });
-}
-
-// Sweep B of step t: through a_t = p_t (w + alpha H_t) + d_t. Adds alpha p ga to G
-// (completing dL/dH_t), p ga H to dL/dalpha and ga (w + alpha H) to dp.
-template <typename scalar_t>
-void backward_sweep_drive(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Ht, scalar_t* G, int64_t t,
-                          const scalar_t* ga, scalar_t* galpha, scalar_t* dp) {
-  const Dims d = P.d;
-  const scalar_t* p = P.pre(t);
-  const int64_t n = d.n_out;
-  at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
+      scalar_t* ge = UPDATE ? partial + 2 * k * d.B * n : nullptr;
+      scalar_t* gy = UPDATE ? ge + d.B * n : nullptr;
+      if (UPDATE) std::fill(ge, ge + 2 * d.B * n, scalar_t(0));
       for (int64_t i = sp.begin(k, d.n_in); i < sp.end(k, d.n_in); ++i) {
         const scalar_t* wr = P.w + i * n;
         const scalar_t* ar = P.alpha + i * n;
-        scalar_t* gar = galpha + i * n;
+        scalar_t* gar = DRIVE ? galpha + i * n : nullptr;
         for (int64_t b = 0; b < d.B; ++b) {
           const int64_t row = b * d.n_in + i;
-          const scalar_t pp = p[row];
-          const scalar_t* hr = Ht + row * n;
-          scalar_t* gr = G + row * n;
-          const scalar_t* gab = ga + b * n;
-          scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < n; ++j) {
-            const scalar_t h = hr[j], a = ar[j], g = gab[j];
-            const scalar_t pg = pp * g;
-            gr[j] += pg * a;  // products in the reference's order (see forward_sweep)
-            gar[j] += pg * h;
-            s += g * wr[j] + g * (a * h);
-          }
-          dp[row] += s;
+          const scalar_t* hr = Hm + row * n;
+          const scalar_t* gin = G_ZERO ? nullptr : Gin + row * n;
+          scalar_t* gout = Gout + row * n;
+          const scalar_t pa = UPDATE ? p_a[row] : scalar_t(0);
+          const scalar_t* yr = UPDATE ? y_a + b * n : nullptr;
+          const scalar_t* er = UPDATE ? e_a + b * n : nullptr;
+          scalar_t* ger = UPDATE ? ge + b * n : nullptr;
+          scalar_t* gyr = UPDATE ? gy + b * n : nullptr;
+          const scalar_t pb = DRIVE ? p_b[row] : scalar_t(0);
+          const scalar_t* gab = DRIVE ? ga + b * n : nullptr;
+          const auto sums = row_fn({hr, gin, gout, pa, yr, er, ger, gyr, pb, gab, wr, ar, gar}, c, n);
+          const scalar_t sa = sums.first, sb = sums.second;
+          if (DRIVE) dp_b[row] += sb;
+          if (UPDATE) dp_a[row] = sa;
         }
       }
     }
   });
 }
 
+// Calls f(bool_constant<a>, bool_constant<b>) for runtime flags a, b.
+template <typename F>
+void dispatch_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
+// Walks m = T-1 .. 0 with one pass per m (DRIVE of step m+1 fused with UPDATE of step m),
+// then a last DRIVE pass of step 0; see docs/op_spec.md ("Backward", "Checkpointing").
+// H_m is read from its checkpoint when K divides m, else from the recomputed segment.
+// has_grad_hT false: dL/dH_T is zero, so the UPDATE of step T-1 is skipped altogether.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre, const at::Tensor& w,
-    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts, Rule rule, Act act,
-    c10::optional<double> clip, const Dims& d, bool recurrent) {
+    const at::Tensor& grad_y, const at::Tensor& grad_hT, bool has_grad_hT, const at::Tensor& pre,
+    const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
+    Rule rule, Act act, c10::optional<double> clip, const Dims& d, bool recurrent) {
   const auto opts = y.options();
-  auto G = grad_hT.clone();
-  auto seg = at::empty({std::min(d.K, d.T), d.B, d.n_in, d.n_out}, opts);
+  const int64_t seg_len = std::min(d.K, d.T);
+  auto G = at::empty({d.B, d.n_in, d.n_out}, opts);
+  auto seg = at::empty({seg_len - 1, d.B, d.n_in, d.n_out}, opts);  // H_{s+1} .. of one segment
   auto g_drive = at::empty({d.T, d.B, d.n_out}, opts);
   auto g_e = at::empty({d.T, d.B, d.n_out}, opts);
   auto g_alpha = at::zeros({d.n_in, d.n_out}, opts);
   auto g_pre = recurrent ? at::empty({d.B, d.n_in}, opts) : at::empty({d.T, d.B, d.n_in}, opts);
-  auto gy = at::empty({d.B, d.n_out}, opts);
-  auto carry = at::zeros({d.B, d.n_in}, opts);  // dL/dy_t from step t+1 (recurrent form)
+  auto carry = at::empty({2, d.B, d.n_in}, opts);  // dL/dp_t of two consecutive steps (recurrent form)
   const Split sp = make_split(d);
-  auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_t, dL/dy_t per task
+  auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_m, dL/dy_m per task
 
   const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
   const int64_t row_numel = d.B * d.n_out;
   scalar_t* Gp = G.data_ptr<scalar_t>();
   scalar_t* segp = seg.data_ptr<scalar_t>();
-  scalar_t* gyp = gy.data_ptr<scalar_t>();
   scalar_t* partp = partial.data_ptr<scalar_t>();
+  scalar_t* gap = g_alpha.data_ptr<scalar_t>();
+  const scalar_t* ckp = ckpts.data_ptr<scalar_t>();
   const scalar_t* grad_yp = grad_y.data_ptr<scalar_t>();
+
+  auto H_at = [&](int64_t m) -> const scalar_t* {
+    return m % d.K == 0 ? ckp + (m / d.K) * trace_numel : segp + (m % d.K - 1) * trace_numel;
+  };
+  // dL/dp_t: the linear form's dL/dx_t; dL/dy_{t-1} (t > 0) or dL/dy0 (t = 0) in the recurrent one.
+  auto dp_at = [&](int64_t t) -> scalar_t* {
+    if (!recurrent) return g_pre.data_ptr<scalar_t>() + t * d.B * d.n_in;
+    return t == 0 ? g_pre.data_ptr<scalar_t>() : carry.data_ptr<scalar_t>() + (t % 2) * d.B * d.n_in;
+  };
+  // After the pass that ran the UPDATE of step m (ran = false: skipped, its terms are zero):
+  // dL/de_m, the total dL/dy_m and ga_m = act'(dL/dy_m).
+  auto finish_step = [&](int64_t m, bool ran) {
+    scalar_t* ge = g_e.data_ptr<scalar_t>() + m * row_numel;
+    scalar_t* gat = g_drive.data_ptr<scalar_t>() + m * row_numel;
+    const scalar_t* gym = grad_yp + m * row_numel;
+    std::vector<scalar_t> gy(row_numel);
+    for (int64_t r = 0; r < row_numel; ++r) {
+      scalar_t se = 0, sy = gym[r];
+      if (ran) {
+        for (int64_t k = 0; k < sp.tasks; ++k) {
+          se += partp[(2 * k) * row_numel + r];
+          sy += partp[(2 * k + 1) * row_numel + r];
+        }
+      }
+      ge[r] = se;
+      gy[r] = sy;
+    }
+    if (recurrent && m + 1 < d.T) {
+      const scalar_t* cp = dp_at(m + 1);
+      for (int64_t r = 0; r < row_numel; ++r) gy[r] += cp[r];
+    }
+    activation_backward(gy.data(), P.y_at(m), gat, d.B, d.n_out, act);
+  };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
-    for (int64_t c = d.C - 1; c >= 0; --c) {
-      const int64_t s = c * d.K, L = std::min(d.K, d.T - s);
-      const scalar_t* ck = ckpts.data_ptr<scalar_t>() + c * trace_numel;
-      std::copy(ck, ck + trace_numel, segp);
-      for (int64_t l = 0; l + 1 < L; ++l) {
-        recompute_step<scalar_t, R, CLIP>(P, segp + l * trace_numel, segp + (l + 1) * trace_numel, s + l);
+    bool g_zero = !has_grad_hT;
+    const scalar_t* Gin = has_grad_hT ? grad_hT.data_ptr<scalar_t>() : Gp;
+    for (int64_t m = d.T - 1; m >= 0; --m) {
+      const int64_t s = m - m % d.K;
+      if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1)) {  // entering segment [s, m]
+        recompute_segment<scalar_t, R, CLIP>(P, H_at(s), segp, s, m - s + 1);
       }
-      for (int64_t l = L - 1; l >= 0; --l) {
-        const int64_t t = s + l;
-        const scalar_t* Ht = segp + l * trace_numel;
-        std::copy(grad_yp + t * row_numel, grad_yp + (t + 1) * row_numel, gyp);
-        if (recurrent) {
-          const scalar_t* cp = carry.data_ptr<scalar_t>();
-          for (int64_t k = 0; k < row_numel; ++k) gyp[k] += cp[k];
-        }
-        scalar_t* dp = recurrent ? (t > 0 ? carry.data_ptr<scalar_t>() : g_pre.data_ptr<scalar_t>())
-                                 : g_pre.data_ptr<scalar_t>() + t * d.B * d.n_in;
-        backward_sweep_update<scalar_t, R, CLIP>(P, sp, Ht, Gp, t, dp, partp);
-        // Add up the tasks' partials: dL/de_t, and dL/dy_t (update path) onto gy.
-        scalar_t* ge = g_e.data_ptr<scalar_t>() + t * row_numel;
-        for (int64_t r = 0; r < row_numel; ++r) {
-          scalar_t se = 0, sy = gyp[r];
-          for (int64_t k = 0; k < sp.tasks; ++k) {
-            se += partp[(2 * k) * row_numel + r];
-            sy += partp[(2 * k + 1) * row_numel + r];
-          }
-          ge[r] = se;
-          gyp[r] = sy;
-        }
-        scalar_t* gat = g_drive.data_ptr<scalar_t>() + t * row_numel;
-        activation_backward(gyp, P.y_at(t), gat, d.B, d.n_out, act);
-        backward_sweep_drive<scalar_t>(P, sp, Ht, Gp, t, gat, g_alpha.data_ptr<scalar_t>(), dp);
+      const bool drive = m + 1 < d.T;
+      if (!drive && g_zero) {  // UPDATE of step T-1 against a zero G: every term is zero
+        std::fill(dp_at(m), dp_at(m) + d.B * d.n_in, scalar_t(0));
+        finish_step(m, false);
+        continue;
       }
+      const scalar_t* ga = drive ? g_drive.data_ptr<scalar_t>() + (m + 1) * row_numel : nullptr;
+      scalar_t* dp_b = drive ? dp_at(m + 1) : nullptr;
+      dispatch_flags(drive, g_zero, [&](auto drive_tag, auto zero_tag) {
+        backward_pass<scalar_t, R, CLIP, decltype(drive_tag)::value, true, decltype(zero_tag)::value>(
+            P, sp, H_at(m), Gin, Gp, m, ga, gap, dp_b, dp_at(m), partp);
+      });
+      g_zero = false;
+      Gin = Gp;
+      finish_step(m, true);
     }
+    dispatch_flags(g_zero, false, [&](auto zero_tag, auto) {
+      backward_pass<scalar_t, R, CLIP, true, false, decltype(zero_tag)::value>(
+          P, sp, H_at(0), Gin, Gp, 0, g_drive.data_ptr<scalar_t>(), gap, dp_at(0), nullptr, nullptr);
+    });
   });
 
   // dL/dw = sum_t p_t^T ga_t as one GEMM over all steps.
@@ -456,12 +589,18 @@ BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::
                             const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                             const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
                             c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  // A 1-D empty grad_hT stands for dL/dH_T = 0 (the caller's grad was None): no trace of
+  // zeros is built or read. Checkpoint 0 stands in for it in the shape checks.
+  const bool has_grad_hT = !(grad_hT.dim() == 1 && grad_hT.numel() == 0);
+  const bool can_stand_in = ckpts.dim() == 4 && ckpts.size(0) > 0 && ckpts.is_contiguous();
+  const at::Tensor shape_of_hT = has_grad_hT || !can_stand_in ? grad_hT : ckpts.select(0, 0);
+  const Dims d = check_backward(grad_y, shape_of_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
   BackwardResult out;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "plastic_backward_cpu", [&] {
-    out = backward_impl<scalar_t>(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, r, a, clip, d, recurrent);
+    out = backward_impl<scalar_t>(grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y, ckpts, r, a, clip, d,
+                                  recurrent);
   });
   return out;
 }
