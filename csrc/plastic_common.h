@@ -74,12 +74,19 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
   return d;
 }
 
+// A 1-D empty grad_hT stands for dL/dH_T = 0 (the caller's gradient was None), so that no
+// trace of zeros is built, copied or read (docs/op_spec.md, "Checkpointing").
+inline bool is_zero_grad_marker(const at::Tensor& grad_hT) { return grad_hT.dim() == 1 && grad_hT.numel() == 0; }
+
 // The backward's arguments: the forward's canonical ones, with grad_y standing for the
 // drive (same shape) and grad_hT for h0, plus y and the checkpoints.
 inline Dims check_backward(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
                            const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
                            const at::Tensor& ckpts, c10::optional<double> clip, int64_t K, bool recurrent) {
-  const Dims d = check_canonical(pre, grad_y, w, alpha, e, grad_hT, clip, K, recurrent);
+  // checkpoint 0 has the trace's shape, dtype and device: it stands in for the zero marker's checks
+  const bool stand_in = is_zero_grad_marker(grad_hT) && ckpts.dim() == 4 && ckpts.size(0) > 0;
+  const Dims d = check_canonical(pre, grad_y, w, alpha, e, stand_in ? ckpts.select(0, 0) : grad_hT, clip, K,
+                                 recurrent);
   TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
   TORCH_CHECK(y.sizes() == grad_y.sizes(), "plastic_ops: y must be (T, B, N_out)");
   TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&

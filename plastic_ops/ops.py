@@ -239,9 +239,8 @@ def _register():
                 h0 = ckpts[0] if h0 is None else h0
                 return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
                                                 ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta)
-            if grad_hT is None:
-                # the CPU kernel reads an empty tensor as dL/dH_T = 0 and builds no trace of zeros
-                grad_hT = ckpts.new_empty(0) if ckpts.device.type == "cpu" else ckpts.new_zeros(ckpts.shape[1:])
+            if grad_hT is None:  # an empty tensor stands for dL/dH_T = 0: no trace of zeros is built here
+                grad_hT = ckpts.new_empty(0)
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
                 grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K)
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads

@@ -589,12 +589,8 @@ BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::
                             const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                             const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
                             c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  // A 1-D empty grad_hT stands for dL/dH_T = 0 (the caller's grad was None): no trace of
-  // zeros is built or read. Checkpoint 0 stands in for it in the shape checks.
-  const bool has_grad_hT = !(grad_hT.dim() == 1 && grad_hT.numel() == 0);
-  const bool can_stand_in = ckpts.dim() == 4 && ckpts.size(0) > 0 && ckpts.is_contiguous();
-  const at::Tensor shape_of_hT = has_grad_hT || !can_stand_in ? grad_hT : ckpts.select(0, 0);
-  const Dims d = check_backward(grad_y, shape_of_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
   BackwardResult out;

@@ -586,7 +586,8 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
 
-  at::Tensor G = grad_hT.clone();  // dL/dH_T, walked back to dL/dH_0
+  // dL/dH_T, walked back to dL/dH_0 (zeros for the zero marker: the CUDA sweeps always read G)
+  at::Tensor G = is_zero_grad_marker(grad_hT) ? at::zeros_like(ckpts.select(0, 0)) : grad_hT.clone();
   at::Tensor g_pre = at::zeros_like(pre);
   at::Tensor g_drive = at::zeros({d.T, d.B, d.n_out}, grad_y.options());
   at::Tensor g_alpha = at::zeros({d.n_in, d.n_out}, grad_y.options());
