@@ -49,6 +49,19 @@ def grad_inputs(args, mod):
     return [t for t in list(args) + [mod] if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def of_tensors(fn, args, **kw):
+    """fn as a function of the tensors of args followed by the modulation, as gradcheck wants it."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def f(*tensors):
+        full = list(args)
+        for pos, t in zip(positions, tensors[:len(positions)]):
+            full[pos] = t
+        return fn(*full, modulation=tensors[-1], **kw)
+
+    return f
+
+
 def run(fn, args, mod, **kw):
     return fn(*args, modulation=mod, **kw)
 

@@ -4,7 +4,7 @@ import torch
 
 import plastic_ops
 
-from _inputs import grad_inputs, make_inputs
+from _inputs import grad_inputs, make_inputs, of_tensors
 from conftest import DEVICES
 
 
@@ -16,13 +16,5 @@ from conftest import DEVICES
 def test_gradcheck(form, rule, activation, clip, device):
     args, mod = make_inputs(form, T=4, B=2, n_in=3, n_out=4, device=device, modulation="per_output", seed=11)
     fn = getattr(plastic_ops, f"plastic_{form}")
-    inputs = grad_inputs(args, mod)
-    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-
-    def f(*tensors):
-        full = list(args)
-        for pos, t in zip(positions, tensors[:len(positions)]):
-            full[pos] = t
-        return fn(*full, modulation=tensors[-1], rule=rule, activation=activation, clip=clip, checkpoint_every=3)
-
-    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-6, rtol=1e-5)
+    f = of_tensors(fn, args, rule=rule, activation=activation, clip=clip, checkpoint_every=3)
+    assert torch.autograd.gradcheck(f, tuple(grad_inputs(args, mod)), eps=1e-6, atol=1e-6, rtol=1e-5)

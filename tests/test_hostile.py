@@ -17,7 +17,7 @@ from plastic_ops import reference
 from plastic_ops.nn import PlasticLinear, PlasticRNN
 
 from _child import run_child
-from _inputs import grad_inputs, loss_of, make_inputs
+from _inputs import grad_inputs, loss_of, make_inputs, of_tensors
 from conftest import DEVICES
 
 FORMS = ("linear", "rnn")
@@ -213,16 +213,8 @@ def test_double_backward_matches_reference(form, rule, activation, clip, device)
 def test_gradgradcheck(form, device):
     args, mod = make_inputs(form, T=3, B=2, n_in=2, n_out=2, device=device, modulation="shared", seed=7)
     fn = fns(form)[0]
-    inputs = grad_inputs(args, mod)
-    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-
-    def f(*tensors):
-        full = list(args)
-        for pos, t in zip(positions, tensors[:len(positions)]):
-            full[pos] = t
-        return fn(*full, modulation=tensors[-1], rule="oja", activation="tanh", clip=0.6, checkpoint_every=2)
-
-    assert torch.autograd.gradgradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
+    f = of_tensors(fn, args, rule="oja", activation="tanh", clip=0.6, checkpoint_every=2)
+    assert torch.autograd.gradgradcheck(f, tuple(grad_inputs(args, mod)), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
