@@ -2,25 +2,35 @@
 
 A small convolutional network (two convolution + ReLU + max-pooling blocks, then a hidden ReLU layer)
 ends either in a softmax linear layer (non-plastic) or in a plastic_ops.nn.PlasticLinear with softmax
-activation whose Hebbian trace persists from image to image (plastic). Two training protocols:
+activation whose Hebbian trace persists from image to image (plastic). Three training protocols:
 
-  paper    each epoch samples P (default 100) training images and feeds them one at a time, the trace
-           carried from image to image: one sequence of T = P steps with a single stream (B = 1), one
-           optimizer step on its mean loss (gradient through the whole trace history); then evaluation
-           on the test set. The paper ran 250 epochs with the full test set after each.
-  batched  B parallel streams of T-image sequences, each with a trace starting from zero; the
-           convolutional features of all B * T images of a step are computed in one call; every epoch
-           covers all the training images.
+  paper           each epoch samples P (default 100) training images and feeds them one at a time, the
+                  trace carried from image to image (from zero at the start of the epoch), with one
+                  optimizer step per image: P steps per epoch (the paper's reading: 250 epochs, 25,000
+                  steps). The gradient of an image's loss stops at the trace it was given (the weights
+                  change after every image), so eta gets no gradient and keeps its initial value.
+  paper-sequence  the same P images as one sequence (T = P, B = 1) and one optimizer step on their mean
+                  loss, the gradient flowing through the whole trace history: one step per epoch.
+  batched         B parallel streams of T-image sequences, each with a trace starting from zero; the
+                  convolutional features of all B * T images of a step are computed in one call; every
+                  epoch covers all the training images.
 
-The plastic model is evaluated in two ways (--plastic-test): "reset", the test images in order cut into
-sequences of T images with a fresh trace each (as in training), and "carry", one stream through the whole
-test set in order with the trace never reset.
+Model selection uses a validation split, the last --val-images (5,000) images of the training file, never
+the test set: after every epoch the model is evaluated on validation images, the epoch with the best
+validation accuracy is kept, and at the end the test set is evaluated once at that epoch ("selected") and
+once at the last one ("final").
+
+The plastic model is evaluated in two ways (--plastic-test): "reset", the images in order cut into sequences
+of T images with a fresh trace each (as in training), and "carry", one stream through all the images in order
+with the trace never reset. Selection uses the first of them.
 
     python -m experiments.classification --protocol batched --data-root /path/to/data
-    python -m experiments.classification --protocol paper --epochs 250 --eval-subset 0   # full paper protocol
+    python -m experiments.classification --protocol paper --data-root /path/to/data   # the paper's protocol
     torchrun --standalone --nproc-per-node 2 -m experiments.classification --protocol batched  # 2 processes
+    python -m experiments.seeds classification --seeds 0,1,2 --out DIR -- --protocol paper   # 3 seeds, one table
 
-Outputs in --out: metrics.json, table.md, curves_<protocol>.png, model_<protocol>_<model>.pt, checkpoint.pt.
+Outputs in --out: metrics.json, table.md, curves_<protocol>.png, model_<protocol>_<model>[_selected].pt,
+checkpoint.pt.
 Docs and measured results: docs/experiments/classification.md.
 """
 from __future__ import annotations
@@ -42,10 +52,11 @@ except ImportError:  # `python experiments/classification.py`
     from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
 
 from experiments.common.distributed import Distributed
+from experiments.common.data import VALIDATION_IMAGES
 import plastic_ops
 from plastic_ops.nn import PlasticLinear
 
-PROTOCOLS = ("paper", "batched")
+PROTOCOLS = ("paper", "paper-sequence", "batched")
 MODELS = ("nonplastic", "plastic")
 TEST_MODES = ("reset", "carry")
 NUM_CLASSES = 10
@@ -53,11 +64,14 @@ LOG_EPS = 1e-8  # the plastic layer returns probabilities: clamp before the log 
 
 # Per-protocol defaults, used when the flag is not given.
 PROTOCOL_DEFAULTS = {
-    "paper": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=1000),
+    "paper": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=0),
+    "paper-sequence": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=0),
     "batched": dict(epochs=5, lr=2e-3, schedule="cosine", eval_subset=0),
 }
+SYNTHETIC_VAL_IMAGES = 50  # --synthetic: the validation images carved out of the synthetic training set
 # Options that change the results: a checkpoint is only resumed under the same values.
-RESULT_KEYS = ("protocols", "models", "dataset", "synthetic", "train_limit", "test_limit", "seed", "channels",
+RESULT_KEYS = ("protocols", "models", "dataset", "synthetic", "train_limit", "test_limit", "val_images", "seed",
+               "channels",
                "hidden", "eta", "alpha", "paper_images", "streams", "seq_len", "epochs", "lr", "schedule",
                "eval_subset", "plastic_test")
 
@@ -124,25 +138,35 @@ class Classifier(nn.Module):
 # ------------------------------------------------------------------------------------------------ data
 
 def load_data(args):
-    """(train_x, train_y, test_x, test_y) on the CPU, MNIST-like float32 (N, 1, 28, 28) in [0, 1]."""
+    """(train_x, train_y, val_x, val_y, test_x, test_y) on the CPU, MNIST-like float32 (N, 1, 28, 28) in [0, 1].
+
+    The validation images are the last args.val_images of the training file (experiments.common.data.
+    split_validation); --train-limit then keeps the first N of the remaining training images.
+    """
     from experiments.common import data
 
     if args.synthetic:
         n_train = args.train_limit or 600
         n_test = args.test_limit or 200
-        # one call, so train and test share the class prototypes
-        x, y = data.synthetic_dataset(n_train + n_test, seed=1234)
-        return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+        # one call, so every split shares the class prototypes; the training file is train + validation
+        x, y = data.synthetic_dataset(n_train + args.val_images + n_test, seed=1234)
+        n_file = n_train + args.val_images
+        train_x, train_y, val_x, val_y = data.split_validation(x[:n_file], y[:n_file], args.val_images)
+        return train_x, train_y, val_x, val_y, x[n_file:], y[n_file:]
     try:
-        train_x, train_y = data.load_dataset(args.dataset, "train", root=args.data_root, download=not args.offline)
+        file_x, file_y = data.load_dataset(args.dataset, "train", root=args.data_root, download=not args.offline)
         test_x, test_y = data.load_dataset(args.dataset, "test", root=args.data_root, download=not args.offline)
     except FileNotFoundError as exc:
         raise SystemExit(f"error: {exc}") from None
+    try:
+        train_x, train_y, val_x, val_y = data.split_validation(file_x, file_y, args.val_images)
+    except ValueError as exc:
+        raise SystemExit(f"error: --val-images: {exc}") from None
     if args.train_limit:
         train_x, train_y = train_x[:args.train_limit], train_y[:args.train_limit]
     if args.test_limit:
         test_x, test_y = test_x[:args.test_limit], test_y[:args.test_limit]
-    return train_x, train_y, test_x, test_y
+    return train_x, train_y, val_x, val_y, test_x, test_y
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -208,23 +232,45 @@ class Run:
                                 alpha=args.alpha, impl=args.impl).to(device)
         self.net = self.dist.wrap(self.model)  # trains through DDP under torchrun; states are the plain model's
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
-        self.step = 0  # paper: epochs done; batched: optimizer steps done
-        self.history = {"epoch": [], "train_loss": [], "test": {}}
+        self.step = 0  # paper protocols: epochs done; batched: optimizer steps done
+        self.opt_steps = 0  # optimizer steps taken, whatever the protocol
+        self.history = {"epoch": [], "train_loss": [], "val": {}}
+        # model selection on validation: the mode it reads, and the best epoch so far with its weights
+        self.select_mode = args.plastic_test[0] if self.model.plastic else "plain"
+        self.best = {"epoch": None, "acc": None, "model": None}
         self.train_seconds = self.eval_seconds = 0.0
         self.cpu_seconds = 0.0  # process CPU time (all threads): less sensitive than wall-clock to a busy machine
 
     def state(self) -> dict:
         return {"protocol": self.protocol, "name": self.name, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "step": self.step, "history": self.history,
-                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "cpu_seconds": self.cpu_seconds}
+                "opt": self.opt.state_dict(), "step": self.step, "opt_steps": self.opt_steps,
+                "history": self.history, "best": self.best, "train_seconds": self.train_seconds,
+                "eval_seconds": self.eval_seconds, "cpu_seconds": self.cpu_seconds}
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]
+        self.opt_steps, self.best = state["opt_steps"], state["best"]
         self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
+
+    def _optimize(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.opt_steps += 1
+        self.model.project()
+
+    def train_image(self, image, label, trace, lr):
+        """The paper protocol's unit: one image (1, 28, 28) seen with the trace left by the images before it,
+        one optimizer step on its loss. Returns (loss, the trace after this image, detached)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        logp, trace = self.net(image[None, None].to(self.device), trace)
+        loss = F.nll_loss(logp[0], label.reshape(1).to(self.device))
+        self._optimize(loss)
+        return loss.item(), (trace.detach() if trace is not None else None)
 
     def train_step(self, images, labels, lr) -> float:
         """images (T, B, 1, 28, 28), labels (T, B): one optimizer step on the mean loss of all T * B images.
@@ -247,21 +293,23 @@ class Run:
             images, labels = images[:, mine], labels[:, mine]
         logp, _ = self.net(images.to(self.device))
         loss = F.nll_loss(logp.reshape(-1, NUM_CLASSES), labels.to(self.device).reshape(-1))
-        self.opt.zero_grad(set_to_none=True)
-        (loss * weight if dist.enabled else loss).backward()
-        self.opt.step()
-        self.model.project()
+        self._optimize(loss * weight if dist.enabled else loss)
         if dist.enabled:  # the global mean: local means weighted by the local share of the streams
             return dist.sum([loss.detach() * weight])[0] / dist.world_size
         return loss.item()
 
     def record(self, epoch, train_loss, results) -> None:
+        """One epoch's training loss and validation results; keeps the weights of the best validation epoch."""
         self.history["epoch"].append(epoch)
         self.history["train_loss"].append(train_loss)
         for mode, (loss, acc) in results.items():
-            entry = self.history["test"].setdefault(mode, {"loss": [], "acc": []})
+            entry = self.history["val"].setdefault(mode, {"loss": [], "acc": []})
             entry["loss"].append(loss)
             entry["acc"].append(acc)
+        acc = results[self.select_mode][1]
+        if self.best["acc"] is None or acc > self.best["acc"]:  # ties keep the earlier epoch
+            self.best = {"epoch": epoch, "acc": acc,
+                         "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
 
 
 def _tick(ckpt, save, stop_after, counter, dist: Distributed | None = None) -> None:
@@ -278,17 +326,26 @@ def _tick(ckpt, save, stop_after, counter, dist: Distributed | None = None) -> N
 
 
 def train_paper(run, args, data, ckpt, save, make_state, counter):
+    """paper: P images one at a time, a step per image; paper-sequence: the P images as one sequence, one step."""
     train_x, train_y, eval_x, eval_y = data
     P = args.paper_images
-    bar = _bar(args, total=args.epochs, initial=run.step, desc=f"paper/{run.name}", unit="epoch")
+    bar = _bar(args, total=args.epochs, initial=run.step, desc=f"{run.protocol}/{run.name}", unit="epoch")
     while run.step < args.epochs:
         epoch = run.step
         c0 = time.process_time()
         idx = torch.randperm(len(train_x), generator=epoch_generator(args.seed, epoch))[:P]
+        lr = learning_rate(args, epoch, args.epochs)
         t0 = time.perf_counter()
-        # one stream of P images fed in order: T = P, B = 1; the trace is carried through all of them
-        loss = run.train_step(train_x[idx].unsqueeze(1), train_y[idx].unsqueeze(1),
-                              learning_rate(args, epoch, args.epochs))
+        if run.protocol == "paper":
+            # the trace starts from zero each epoch and is carried from image to image
+            trace, losses = None, []
+            for i in idx:
+                loss_i, trace = run.train_image(train_x[i], train_y[i], trace, lr)
+                losses.append(loss_i)
+            loss = sum(losses) / len(losses)
+        else:
+            # one stream of P images fed in order: T = P, B = 1; the trace is carried through all of them
+            loss = run.train_step(train_x[idx].unsqueeze(1), train_y[idx].unsqueeze(1), lr)
         t1 = time.perf_counter()
         results = evaluate(run.model, eval_x, eval_y, run.device, P, args.plastic_test)
         run.eval_seconds += time.perf_counter() - t1
@@ -359,16 +416,21 @@ def _postfix(loss, results):
 
 # ---------------------------------------------------------------------------------------------- report
 
-def summarize(run, args, final: dict, wall: float) -> dict:
-    """Best (over the per-epoch evaluations) and final (full test set at the end) per test mode."""
+def summarize(run, args, final: dict, selected: dict, wall: float) -> dict:
+    """Per test mode: the selected epoch (best validation accuracy of the selection mode) with its validation
+    and test figures, and the final model's test figures. final / selected: {mode: (test loss, accuracy)}."""
     tests = {}
+    epochs = run.history["epoch"]
+    at = epochs.index(run.best["epoch"]) if run.best["epoch"] is not None else None
     for mode, (loss, acc) in final.items():
-        curve = run.history["test"].get(mode, {"acc": [], "loss": []})
-        best = max(range(len(curve["acc"])), key=lambda i: curve["acc"][i]) if curve["acc"] else None
-        tests[mode] = {"best_acc": curve["acc"][best] if best is not None else None,
-                       "best_epoch": run.history["epoch"][best] if best is not None else None,
+        curve = run.history["val"].get(mode, {"acc": [], "loss": []})
+        tests[mode] = {"selected_epoch": run.best["epoch"],
+                       "selected_val_acc": curve["acc"][at] if at is not None else None,
+                       "selected_test_acc": selected[mode][1], "selected_test_loss": selected[mode][0],
+                       "final_val_acc": curve["acc"][-1] if curve["acc"] else None,
                        "final_acc": acc, "final_loss": loss}
-    out = {"protocol": run.protocol, "model": run.name, "tests": tests,
+    out = {"protocol": run.protocol, "model": run.name, "tests": tests, "selection_mode": run.select_mode,
+           "optimizer_steps": run.opt_steps,
            # 4 decimals: a short run must not round to 0 s
            "train_seconds": round(run.train_seconds, 4), "eval_seconds": round(run.eval_seconds, 4),
            "wall_seconds": round(wall, 4), "cpu_seconds": round(run.cpu_seconds, 4), "history": run.history,
@@ -380,18 +442,21 @@ def summarize(run, args, final: dict, wall: float) -> dict:
 
 
 def write_table(results: dict, path: Path, what: dict) -> str:
-    lines = ["| protocol | model | test | best acc (epoch) | final acc | final loss | train s | wall-clock s "
-             "| CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | model | test | selected epoch | validation acc (selected) | test acc (selected) "
+             "| test acc (final) | test loss (final) | optimizer steps | train s | wall-clock s | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         for mode, t in r["tests"].items():
-            best = "-" if t["best_acc"] is None else f"{100 * t['best_acc']:.2f}% ({t['best_epoch']})"
-            lines.append(f"| {r['protocol']} | {r['model']} | {mode} | {best} | {100 * t['final_acc']:.2f}% | "
-                         f"{t['final_loss']:.4f} | {r['train_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+            val = "-" if t["selected_val_acc"] is None else f"{100 * t['selected_val_acc']:.2f}%"
+            lines.append(f"| {r['protocol']} | {r['model']} | {mode} | {t['selected_epoch']} | {val} | "
+                         f"{100 * t['selected_test_acc']:.2f}% | {100 * t['final_acc']:.2f}% | "
+                         f"{t['final_loss']:.4f} | {r['optimizer_steps']} | {r['train_seconds']:.0f} | "
+                         f"{r['wall_seconds']:.0f} | "
                          f"{'-' if r.get('cpu_seconds') is None else format(r['cpu_seconds'], '.0f')} |")
     notes = [f"- {p}: {what[p]}" for p in what]
-    notes += ["- best: highest accuracy over the per-epoch evaluations; final: the trained model on the whole "
-              "test set; train s / wall-clock s: training / training + evaluation time; CPU s: process CPU "
-              "time, all threads"]
+    notes += ["- selected epoch: the best validation accuracy (plastic model: of its first test mode); test acc "
+              "(selected) / (final): the whole test set, evaluated once at that epoch / after the last one; "
+              "train s / wall-clock s: training / training + evaluation time; CPU s: process CPU time, all threads"]
     text = "\n".join(lines + [""] + notes) + "\n"
     path.write_text(text)
     return text
@@ -410,11 +475,11 @@ def plot_curves(results: dict, protocol: str, path: Path, dataset: str = "MNIST"
         label = "non-plastic" if r["model"] == "nonplastic" else "plastic"
         marker = "o" if len(h["epoch"]) <= 20 else None  # a few epochs: show where the evaluations are
         axes[0].plot(h["epoch"], h["train_loss"], label=label, marker=marker)
-        for mode, curve in h["test"].items():
+        for mode, curve in h["val"].items():
             lab = label if mode == "plain" else f"{label} ({mode})"
             axes[1].plot(h["epoch"], curve["loss"], label=lab, marker=marker)
             axes[2].plot(h["epoch"], [100 * a for a in curve["acc"]], label=lab, marker=marker)
-    for ax, title in zip(axes, ("train loss", "test loss", "test accuracy (%)")):
+    for ax, title in zip(axes, ("train loss", "validation loss", "validation accuracy (%)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -427,16 +492,21 @@ def plot_curves(results: dict, protocol: str, path: Path, dataset: str = "MNIST"
     plt.close(fig)
 
 
-def describe(args, protocol, n_train, n_test) -> str:
-    evals = f"the first {args.eval_subset} test images" if args.eval_subset else f"all {n_test} test images"
+def describe(args, protocol, n_train, n_val, n_test) -> str:
+    evals = (f"the first {min(args.eval_subset, n_val)} validation images" if args.eval_subset
+             else f"all {n_val} validation images")
+    tail = (f"per-epoch evaluation on {evals} (model selection); the test set ({n_test} images) evaluated at "
+            f"the selected epoch and after the last one")
     if protocol == "paper":
+        return (f"{args.epochs} epochs of {args.paper_images} random training images fed one at a time, trace "
+                f"carried from image to image, one Adam step per image ({args.epochs * args.paper_images} steps); "
+                + tail)
+    if protocol == "paper-sequence":
         return (f"{args.epochs} epochs of {args.paper_images} random training images fed one at a time "
-                f"(T={args.paper_images}, B=1, trace carried, one Adam step per epoch); per-epoch evaluation "
-                f"on {evals}; final figures on all {n_test} test images")
+                f"(T={args.paper_images}, B=1, trace carried), one Adam step per epoch on their mean loss; " + tail)
     steps = -(-n_train // (args.streams * args.seq_len))
     return (f"{args.epochs} epochs over {n_train} training images, B={args.streams} streams x T={args.seq_len} "
-            f"images ({steps} Adam steps per epoch, trace reset every T images); per-epoch evaluation on {evals}; "
-            f"final figures on all {n_test} test images")
+            f"images ({steps} Adam steps per epoch, trace reset every T images); " + tail)
 
 
 # -------------------------------------------------------------------------------------------------- cli
@@ -445,28 +515,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.classification",
         description="MNIST classification with a plastic vs a non-plastic softmax output layer "
-                    "(Miconi et al. 2018, Fig. 6-8): the paper's protocol and a batched one.",
+                    "(Upadhyay & Bagad, after Miconi et al. 2018): the paper's protocol and a batched one, "
+                    "with model selection on a validation split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, default_out="results/classification")
-    p.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="batched",
-                   help="paper: P images one at a time per epoch; batched: B streams x T images over all the data")
+    p.add_argument("--protocol", default="batched",
+                   help="comma-separated, from %s, or 'all'. paper: P images one at a time per epoch, a step per "
+                        "image; paper-sequence: the same P images, one step per epoch; batched: B streams x T "
+                        "images over all the data" % (PROTOCOLS,))
     p.add_argument("--models", choices=MODELS + ("both",), default="both", help="which output layer(s) to train")
     p.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     p.add_argument("--data-root", default=None, help="data root (default: $PLASTIC_OPS_DATA, else ./data)")
     p.add_argument("--offline", action="store_true", help="never try to download missing data")
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--test-limit", type=int, default=0, help="use only the first N test images (0: all)")
-    # with --protocol both, a value given for one of the next four flags applies to both protocols
+    p.add_argument("--val-images", type=int, default=None,
+                   help="validation split: the last N images of the training file (default 5000; "
+                        "synthetic data: %d)" % SYNTHETIC_VAL_IMAGES)
+    # with several protocols, a value given for one of the next four flags applies to all of them
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs (default: paper %d, batched %d)" % (PROTOCOL_DEFAULTS["paper"]["epochs"],
-                                                                     PROTOCOL_DEFAULTS["batched"]["epochs"]))
+                   help="epochs (default: paper and paper-sequence %d, batched %d)" % (
+                       PROTOCOL_DEFAULTS["paper"]["epochs"], PROTOCOL_DEFAULTS["batched"]["epochs"]))
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: paper 1e-3, batched 2e-3)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule (default: paper constant, batched cosine down to lr/20)")
     p.add_argument("--eval-subset", type=int, default=None,
-                   help="evaluate after each epoch on the first N test images, 0 = all (default: paper 1000, "
-                        "batched 0); the final figures always use the whole test set")
-    p.add_argument("--paper-images", type=int, default=100, help="paper protocol: images per epoch (= T, B = 1)")
+                   help="evaluate after each epoch on the first N validation images, 0 = all (default 0); the "
+                        "test figures always use the whole test set")
+    p.add_argument("--paper-images", type=int, default=100, help="paper protocols: images per epoch (B = 1)")
     p.add_argument("--streams", type=int, default=16, help="batched protocol: B parallel streams")
     p.add_argument("--seq-len", type=int, default=10, help="batched protocol: T images per sequence")
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), metavar=("C1", "C2"),
@@ -479,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the plastic model is tested: reset the trace every T test images, carry it "
                         "through the whole test set in order, or both")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="save a checkpoint every N epochs (paper) / steps (batched) (default: 10 / 50)")
+                   help="save a checkpoint every N epochs (paper protocols) / steps (batched) (default: 10 / 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tiny fake data, for tests
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # simulate Ctrl-C, for tests
@@ -489,7 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    names = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    args.protocols = list(PROTOCOLS) if names == ["all"] else names
+    bad = [p for p in args.protocols if p not in PROTOCOLS]
+    if bad or not args.protocols or len(set(args.protocols)) != len(args.protocols):
+        parser.error(f"--protocol: expected distinct names from {PROTOCOLS} or 'all', got {args.protocol!r}")
+    if args.val_images is None:
+        args.val_images = SYNTHETIC_VAL_IMAGES if args.synthetic else VALIDATION_IMAGES
+    if args.val_images < 1:
+        parser.error("--val-images must be >= 1")
     args.models = list(MODELS) if args.models == "both" else [args.models]
     args.plastic_test = list(TEST_MODES) if args.plastic_test == "both" else [args.plastic_test]
     for name in ("paper_images", "streams", "seq_len", "hidden"):
@@ -510,7 +594,7 @@ def protocol_args(args, protocol):
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.checkpoint_every is None:
-        a.checkpoint_every = 10 if protocol == "paper" else 50
+        a.checkpoint_every = 50 if protocol == "batched" else 10
     return a
 
 
@@ -524,9 +608,9 @@ def main(argv=None) -> dict:
     dist, device = Distributed.from_env(args.device)
     with dist.scope():
         if dist.enabled:
-            if "paper" in args.protocols:
-                raise SystemExit("error: the paper protocol trains a single stream (B = 1), which cannot be "
-                                 "shared by several processes: run it without torchrun, or use --protocol batched")
+            if args.protocols != ["batched"]:
+                raise SystemExit("error: the paper protocols train a single stream (B = 1), which cannot be "
+                                 "shared by several processes: run them without torchrun, or use --protocol batched")
             dist.check_divisible(args.streams, "--streams")
             args.no_progress = args.no_progress or not dist.is_main  # one progress bar, rank 0's
         return run_all(args, argv, dist, device)
@@ -548,10 +632,10 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                 out.path, ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())))
     done = dict(state["done"]) if state else {}
 
-    train_x, train_y, test_x, test_y = load_data(args)
+    train_x, train_y, val_x, val_y, test_x, test_y = load_data(args)
     if "batched" in args.protocols and len(train_x) < args.seq_len:
         raise SystemExit(f"error: --seq-len {args.seq_len} is longer than the {len(train_x)} training images")
-    if "paper" in args.protocols and len(train_x) < args.paper_images:
+    if set(args.protocols) - {"batched"} and len(train_x) < args.paper_images:
         raise SystemExit(f"error: --paper-images {args.paper_images} exceeds the {len(train_x)} training images")
     what = {}
     counter = [0]
@@ -560,9 +644,10 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
         try:
             for protocol in args.protocols:
                 pa = protocol_args(args, protocol)
-                what[protocol] = describe(pa, protocol, len(train_x), len(test_x))
-                eval_x, eval_y = ((test_x[:pa.eval_subset], test_y[:pa.eval_subset]) if pa.eval_subset
-                                  else (test_x, test_y))
+                what[protocol] = describe(pa, protocol, len(train_x), len(val_x), len(test_x))
+                # the per-epoch evaluation, model selection's, sees validation images only
+                eval_x, eval_y = ((val_x[:pa.eval_subset], val_y[:pa.eval_subset]) if pa.eval_subset
+                                  else (val_x, val_y))
                 data = (train_x, train_y, eval_x, eval_y)
                 for name in args.models:
                     key = f"{protocol}/{name}"
@@ -574,7 +659,7 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                         run.load(current)
                         state["current"] = None
                         if dist.is_main:
-                            print(f"resuming {key} at {'epoch' if protocol == 'paper' else 'step'} {run.step}",
+                            print(f"resuming {key} at {'step' if protocol == 'batched' else 'epoch'} {run.step}",
                                   file=sys.stderr)
 
                     def save(run=run):
@@ -584,17 +669,21 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                         return {"config": config, "done": done, "current": run.state()}
 
                     ckpt.every = pa.checkpoint_every
-                    train = train_paper if protocol == "paper" else train_batched
+                    train = train_batched if protocol == "batched" else train_paper
                     train(run, pa, data, ckpt, save, make_state, counter)
                     if not dist.is_main:  # rank 0 alone tests and writes
                         continue
                     t0, c0 = time.perf_counter(), time.process_time()
-                    T = pa.paper_images if protocol == "paper" else pa.seq_len
+                    T = pa.seq_len if protocol == "batched" else pa.paper_images
+                    # the test set, once at the last epoch and once at the epoch selected on validation
                     final = evaluate(run.model, test_x, test_y, device, T, args.plastic_test)
+                    torch.save(run.model.state_dict(), out.file(f"model_{protocol}_{name}.pt"))
+                    run.model.load_state_dict(run.best["model"])
+                    selected = evaluate(run.model, test_x, test_y, device, T, args.plastic_test)
+                    torch.save(run.model.state_dict(), out.file(f"model_{protocol}_{name}_selected.pt"))
                     run.eval_seconds += time.perf_counter() - t0
                     run.cpu_seconds += time.process_time() - c0
-                    done[key] = summarize(run, pa, final, run.train_seconds + run.eval_seconds)
-                    torch.save(run.model.state_dict(), out.file(f"model_{protocol}_{name}.pt"))
+                    done[key] = summarize(run, pa, final, selected, run.train_seconds + run.eval_seconds)
                     ckpt.save({"config": config, "done": done, "current": None})
                     for mode, t in done[key]["tests"].items():
                         _print_result(key, mode, t)
@@ -619,16 +708,18 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                "config": config, "impl": args.impl, "device": str(device),
                # streams per optimizer step in each process (of T images each; the paper protocol has one)
                "world_size": dist.world_size,
-               "per_process_batch": {p: 1 if p == "paper" else args.streams // dist.world_size
+               "per_process_batch": {p: args.streams // dist.world_size if p == "batched" else 1
                                      for p in args.protocols},
+               "seed": args.seed,
                "data": {"dataset": "synthetic" if args.synthetic else args.dataset,
-                        "train_images": len(train_x), "test_images": len(test_x)},
+                        "train_images": len(train_x), "val_images": len(val_x), "test_images": len(test_x),
+                        "validation": f"the last {len(val_x)} images of the training file, never trained on"},
                "protocols": what,
                "test_modes": {"plain": "non-plastic model (no trace)",
-                              "reset": "trace reset every T test images (T as in training), images in order",
-                              "carry": "one stream through the whole test set in order, trace never reset"},
-               "best": "highest accuracy over the per-epoch evaluations (on the per-epoch evaluation set)",
-               "final": "the trained model on the whole test set",
+                              "reset": "trace reset every T images (T as in training), images in order",
+                              "carry": "one stream through all the images in order, trace never reset"},
+               "selected": "the epoch of the best validation accuracy; its test figures: the whole test set",
+               "final": "the model after the last epoch on the whole test set",
                "runs": results}
     out.write_json("metrics.json", metrics)
     print(table)
@@ -636,8 +727,26 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
 
 
 def _print_result(key, mode, t):
-    best = "-" if t["best_acc"] is None else f"{100 * t['best_acc']:.2f}%"
-    print(f"{key} [{mode}]: final test accuracy {100 * t['final_acc']:.2f}%, best {best}", file=sys.stderr)
+    print(f"{key} [{mode}]: test accuracy {100 * t['selected_test_acc']:.2f}% at the epoch selected on "
+          f"validation ({t['selected_epoch']}), {100 * t['final_acc']:.2f}% after the last", file=sys.stderr)
+
+
+def seed_rows(metrics: dict) -> list[dict]:
+    """The figures a several-seed table compares (experiments/common/seeds.py): per protocol, test accuracy at
+    the selected epoch and at the last one, for every model and plastic test mode, plastic minus non-plastic."""
+    rows = []
+    protocols = sorted({r["protocol"] for r in metrics["runs"].values()}, key=PROTOCOLS.index)
+    for protocol in protocols:
+        runs = {k.split("/")[1]: r for k, r in metrics["runs"].items() if r["protocol"] == protocol}
+        for field, what in (("selected_test_acc", "epoch selected on validation"), ("final_acc", "last epoch")):
+            values = {}
+            for name, r in runs.items():
+                for mode, t in r["tests"].items():
+                    values[name if mode == "plain" else f"{name} ({mode})"] = t[field]
+            pairs = [(m, "nonplastic") for m in values if m.startswith("plastic")] if "nonplastic" in values else []
+            rows.append({"quantity": f"{protocol}: test accuracy, {what} (higher is better)",
+                         "values": values, "pairs": pairs})
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 __all__ = ["DATASETS", "SPLITS", "resolve_data_root", "cache_dir", "load_dataset", "dataset_files",
-           "read_idx", "write_idx", "synthetic_dataset"]
+           "read_idx", "write_idx", "synthetic_dataset",
+           "VALIDATION_IMAGES", "split_validation"]
 
 # name -> torchvision folder (and class name)
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -252,3 +253,26 @@ def synthetic_dataset(n: int, seed: int = 0, size: int = 28, classes: int = 10) 
     labels = torch.randint(0, classes, (n,), generator=g)
     images = (protos[labels] + 0.1 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
     return images, labels
+
+
+# The validation split: the last VALIDATION_IMAGES images of the training file, always the same ones, so that
+# every model-selection choice is made without the test set and a run's split depends on nothing else.
+VALIDATION_IMAGES = 5000
+
+
+def split_validation(images: torch.Tensor, labels: torch.Tensor | None = None, n_val: int = VALIDATION_IMAGES):
+    """Carve a validation split out of a training set: its last n_val images (fixed, not shuffled).
+
+    Returns (train_images, train_labels, val_images, val_labels) (labels None when not given); the two parts
+    are disjoint and together are the whole training set, in order. Raises ValueError naming n_val when it
+    does not leave at least one training image.
+    """
+    n = images.shape[0]
+    if isinstance(n_val, bool) or not isinstance(n_val, int) or not 0 < n_val < n:
+        raise ValueError(f"n_val must be an integer in [1, {n - 1}] (the training set has {n} images), got {n_val!r}")
+    if labels is not None and labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries, images has {n}")
+    cut = n - n_val
+    if labels is None:
+        return images[:cut], None, images[cut:], None
+    return images[:cut], labels[:cut], images[cut:], labels[cut:]
