@@ -177,3 +177,34 @@ def test_synthetic_dataset():
     assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert 0 <= x.min() and x.max() <= 1
     torch.testing.assert_close(x, data.synthetic_dataset(12, seed=3)[0])
+
+
+def test_validation_split_is_the_end_of_the_training_file(tmp_path):
+    """The validation images are the last n_val rows of the training file: disjoint from the training part
+    and from the test file, and together with the training part the whole file, in order."""
+    root = tmp_path / "root"
+    expected = _make_root(root)
+    x, y = data.load_dataset("mnist", "train", root=root, download=False)
+    tx, _ = data.load_dataset("mnist", "test", root=root, download=False)
+    train_x, train_y, val_x, val_y = data.split_validation(x, y, 2)
+    assert len(train_x) == N_TRAIN - 2 and len(val_x) == 2
+    _check(val_x, val_y, (expected["train"][0][-2:], expected["train"][1][-2:]))
+    _check(train_x, train_y, (expected["train"][0][:-2], expected["train"][1][:-2]))
+    rows = lambda t: {tuple(r.tolist()) for r in t.reshape(len(t), -1)}  # noqa: E731
+    assert not rows(val_x) & rows(train_x) and not rows(val_x) & rows(tx)
+    # the same split every time, labels optional
+    again = data.split_validation(x, None, 2)
+    assert torch.equal(again[2], val_x) and again[1] is None and again[3] is None
+    assert data.VALIDATION_IMAGES == 5000
+
+
+@pytest.mark.parametrize("n_val", [0, -1, N_TRAIN, N_TRAIN + 1, 2.5, True])
+def test_validation_split_bad_size(n_val):
+    x = torch.zeros(N_TRAIN, 1, 28, 28)
+    with pytest.raises(ValueError, match="n_val"):
+        data.split_validation(x, None, n_val)
+
+
+def test_validation_split_label_mismatch():
+    with pytest.raises(ValueError, match="labels"):
+        data.split_validation(torch.zeros(5, 1, 28, 28), torch.zeros(4), 2)
