@@ -268,10 +268,12 @@ def model_config(args) -> dict:
 
 
 @contextlib.contextmanager
-def deterministic():
-    """Deterministic algorithms while a run lasts (restored after, so a caller's setting is left alone)."""
+def deterministic(enabled: bool = True):
+    """Deterministic algorithms while a run lasts (restored after, so a caller's setting is left alone).
+    Only on the CPU: on CUDA it would need cuBLAS settings made before start-up, and refuse some kernels."""
     before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    if enabled:
+        torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
@@ -657,7 +659,7 @@ def main(argv=None) -> dict:
     share every batch of episodes; rank 0 alone tests and writes, the others return {"rank": rank}."""
     args = build_parser().parse_args(argv)
     dist, device = Distributed.from_env(args.device)
-    with dist.scope(), deterministic():
+    with dist.scope(), deterministic(device.type == "cpu"):
         return run(args, argv, dist, device)
 
 
