@@ -1,4 +1,5 @@
-"""Experiment 3: MNIST classification with a plastic vs a non-plastic output layer (Miconi et al. 2018, Fig. 6-8).
+"""Experiment 3: MNIST classification with a plastic vs a non-plastic output layer ("Plasticity in Deep Neural
+Networks", Upadhyay & Bagad, building on Miconi, Clune & Stanley 2018).
 
 A small convolutional network (two convolution + ReLU + max-pooling blocks, then a hidden ReLU layer)
 ends either in a softmax linear layer (non-plastic) or in a plastic_ops.nn.PlasticLinear with softmax
