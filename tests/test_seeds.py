@@ -113,3 +113,17 @@ def test_classification_three_seeds_end_to_end(tmp_path):
         assert set(r["models"]) == {"nonplastic", "plastic (reset)", "plastic (carry)"}
         assert all(m["n"] == 3 for m in r["models"].values()) and len(r["pairs"]) == 2
     assert (tmp_path / "seeds.md").is_file()
+
+
+def test_denoising_two_seeds_end_to_end(tmp_path):
+    tiny = ["--synthetic", "24", "--datasets", "mnist", "--batch-size", "2", "--pretrain-steps", "1",
+            "--pretrain-batch", "4", "--k", "2", "--t-ns", "1", "--t-zs", "1", "--steps-per-epoch", "1",
+            "--epochs", "1", "--test-episodes", "2", "--val-episodes", "2", "--sigmas", "1", "--grid-examples", "1",
+            "--code", "8", "--width", "4", "--device", "cpu", "--quiet", "--threads", "1"]
+    result = seeds.run_seeds("denoising", [3, 4], tmp_path, tiny, log=lambda *_: None)
+    assert result["ran"] == [3, 4]
+    assert [r["quantity"] for r in result["table"]] == [
+        f"mnist, {p}, {c}: test MSE (lower is better)" for p in ("recall", "denoise") for c in ("noise-1", "occlude-half")]
+    for r in result["table"]:
+        assert set(r["models"]) == {"plastic", "baseline", "plastic, clean query", "baseline, clean query"}
+        assert r["pairs"][0]["a"] == "plastic" and r["pairs"][0]["b"] == "baseline" and r["pairs"][0]["n"] == 2
