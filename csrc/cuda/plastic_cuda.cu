@@ -555,8 +555,8 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
 // ==========================================================================================
 // The fused path, the default: one pass over the trace per step in the backward (the drive half
 // of step m+1 with the update half of step m), several episodes per thread, every H_t written once
-// straight into the slot where it is kept. The kernels are in the headers below; PLASTIC_OPS_CUDA_KERNELS
-// =v1 selects the kernels above instead (docs/cuda.md, "Two paths").
+// straight into the slot where it is kept. The kernels are in the headers below;
+// PLASTIC_OPS_CUDA_KERNELS=v1 selects the kernels above instead (docs/cuda.md, "Two paths").
 #include "fused_backward.cuh"
 #include "fused_forward.cuh"
 
