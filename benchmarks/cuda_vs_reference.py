@@ -3,6 +3,8 @@
     python -m benchmarks.cuda_vs_reference --device cuda --json DIR/cuda_vs_reference.json
     python -m benchmarks.cuda_vs_reference --device cuda --only sanitizer   # two small cases, for compute-sanitizer
     python -m benchmarks.cuda_vs_reference --device cpu --quick             # a smaller matrix on the CPU kernels
+    python -m benchmarks.cuda_vs_reference --device cuda --paths v1,v2      # both CUDA kernel paths, one reference
+    python -m benchmarks.cuda_vs_reference --device cuda --only timing --json DIR/paths.json   # both paths timed
 
 Every case runs the fused op (forward and backward) on --device in its dtype, and the reference in float64
 on the CPU on the same inputs (rounded to the case's dtype first), then compares y, the final trace and
@@ -15,21 +17,31 @@ The matrix: both forms x both rules x every activation x clip on/off; every alph
 modulation; odd shapes, including T = 1, B = 1, N_out across a 128-thread block, N_in large enough to be
 split; checkpoint intervals K = 1 .. T and the default; optional arguments absent; each in float64 and
 float32. Prints one line per mismatch and a total; exit status 1 when a case mismatches.
+
+--paths v1,v2 runs the fused op once per CUDA kernel path (PLASTIC_OPS_CUDA_KERNELS, docs/cuda.md) against
+the same reference; each path's results are counted apart ("v1: ...", "v2: ..."). --only timing times
+forward+backward of plastic_rnn (N = 1000, T = 106, tanh, hebb, per-synapse alpha, float32, the default
+memory policy) at B = 1, 8, 32, 128 for each path, interleaved, median of --rounds calls after a warm-up,
+with the peak memory of one call and the largest difference between the paths' results.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
+import os
+import statistics
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 import plastic_ops
+from benchmarks.gpu_check_report import paths_table
 from plastic_ops import reference
 
 # Scale-relative base tolerances: float64 agrees to rounding; float32 accumulates rounding over T steps and N terms.
@@ -38,6 +50,8 @@ ACTIVATIONS = ("tanh", "sigmoid", "relu", "identity", "softmax")
 ALPHA_SHAPES = ("scalar", "scalar11", "input", "output", "synapse")
 MODULATIONS = (None, "shared", "per_output")
 DTYPES = ("float64", "float32")
+PATH_VAR = "PLASTIC_OPS_CUDA_KERNELS"  # picks the CUDA kernels at each call (docs/cuda.md, "Two paths")
+PATHS = ("v1", "v2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,34 +183,140 @@ def scaled_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
 
 
+@contextlib.contextmanager
+def kernel_path(path: Optional[str]):
+    """PLASTIC_OPS_CUDA_KERNELS=path inside the block (None: left as it is)."""
+    if path is None:
+        yield
+        return
+    old = os.environ.get(PATH_VAR)
+    os.environ[PATH_VAR] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PATH_VAR, None)
+        else:
+            os.environ[PATH_VAR] = old
+
+
 def check_case(case: Case, device: str) -> dict:
-    args, mod, gy, gh = make_inputs(case)
+    """The case on the kernel path the environment picks."""
+    return check_case_paths(case, device, [None])[0]
+
+
+def check_case_paths(case: Case, device: str, paths: Sequence[Optional[str]]) -> List[dict]:
+    """The case once per kernel path (None: the environment's), against one reference; one result each."""
+    args, mod = None, None
     dtype = getattr(torch, case.dtype)
     fused = getattr(plastic_ops, f"plastic_{case.form}")
     ref_fn = getattr(reference, f"plastic_{case.form}")
-    res = {"case": case.name, "dtype": case.dtype, "group": case.group}
-    try:
-        got = run_once(fused, case, args, mod, gy, gh, device, dtype)
-        # The reference sees the same values as the op: inputs rounded to the case's dtype, then float64.
-        rounded = [None if a is None else a.to(dtype).double() for a in args]
-        mod_r = None if mod is None else mod.to(dtype).double()
-        ref = run_once(ref_fn, case, rounded, mod_r, gy, gh, "cpu", torch.float64)
-        names = tensor_names(case, args, mod)
-        tol = {n: TOLERANCE[case.dtype] for n in names}
-        if dtype != torch.float64:
-            # Below float64, a tensor may also be off by up to 10x the reference's own rounding error in
-            # that dtype (sums with cancellation, long recurrences), measured on the CPU.
-            own = run_once(ref_fn, case, rounded, mod_r, gy, gh, "cpu", dtype)
-            tol = {n: max(tol[n], 10 * scaled_error(a, b)) for n, a, b in zip(names, own, ref)}
-        errors = {n: scaled_error(a, b) for n, a, b in zip(names, got, ref)}
-        worst_name = max(errors, key=lambda n: errors[n] / tol[n])
-        res.update(errors=errors, tolerances=tol, worst=max(errors.values()), worst_tensor=worst_name,
-                   worst_of_tolerance=errors[worst_name] / tol[worst_name],
-                   ok=all(errors[n] <= tol[n] for n in names))
-    except Exception as exc:  # a crash of one case is a mismatch, reported, and the matrix goes on
-        res.update(errors={}, worst=math.inf, worst_tensor=None, worst_of_tolerance=math.inf, ok=False,
-                   error=f"{type(exc).__name__}: {exc}"[:800])
-    return res
+    results = []
+    ref = tol = names = None
+    for path in paths:
+        res = {"case": case.name if path is None else f"{path} {case.name}", "dtype": case.dtype,
+               "group": case.group, "path": path}
+        try:
+            if args is None:
+                args, mod, gy, gh = make_inputs(case)
+            with kernel_path(path):
+                got = run_once(fused, case, args, mod, gy, gh, device, dtype)
+            if ref is None:
+                # The reference sees the same values as the op: inputs rounded to the case's dtype, then float64.
+                rounded = [None if a is None else a.to(dtype).double() for a in args]
+                mod_r = None if mod is None else mod.to(dtype).double()
+                ref = run_once(ref_fn, case, rounded, mod_r, gy, gh, "cpu", torch.float64)
+                names = tensor_names(case, args, mod)
+                tol = {n: TOLERANCE[case.dtype] for n in names}
+                if dtype != torch.float64:
+                    # Below float64, a tensor may also be off by up to 10x the reference's own rounding error in
+                    # that dtype (sums with cancellation, long recurrences), measured on the CPU.
+                    own = run_once(ref_fn, case, rounded, mod_r, gy, gh, "cpu", dtype)
+                    tol = {n: max(tol[n], 10 * scaled_error(a, b)) for n, a, b in zip(names, own, ref)}
+            errors = {n: scaled_error(a, b) for n, a, b in zip(names, got, ref)}
+            worst_name = max(errors, key=lambda n: errors[n] / tol[n])
+            res.update(errors=errors, tolerances=tol, worst=max(errors.values()), worst_tensor=worst_name,
+                       worst_of_tolerance=errors[worst_name] / tol[worst_name],
+                       ok=all(errors[n] <= tol[n] for n in names))
+        except Exception as exc:  # a crash of one case is a mismatch, reported, and the matrix goes on
+            res.update(errors={}, worst=math.inf, worst_tensor=None, worst_of_tolerance=math.inf, ok=False,
+                       error=f"{type(exc).__name__}: {exc}"[:800])
+        results.append(res)
+    return results
+
+
+def time_paths(device: str, paths: Sequence[str], batches: Sequence[int], n: int = 1000, steps: int = 106,
+               rounds: int = 5) -> dict:
+    """Forward+backward of plastic_rnn on each kernel path: median ms, peak MB, and the paths' largest difference.
+
+    The paths run interleaved (one call of each per round) after one warm-up call each, on the same inputs.
+    """
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize(dev)
+
+    rows = []
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        u = torch.randn(steps, B, n, generator=g).to(dev)
+        w = (0.01 * torch.randn(n, n, generator=g)).to(dev).requires_grad_()
+        alpha = (0.01 * torch.randn(n, n, generator=g)).to(dev).requires_grad_()
+        eta = torch.tensor(0.01, device=dev, requires_grad=True)
+        gy = torch.randn(steps, B, n, generator=g).to(dev)
+
+        def call():
+            y, _ = plastic_ops.plastic_rnn(u, w, alpha, eta)
+            grads = torch.autograd.grad((y * gy).sum(), (w, alpha, eta))
+            return [y.detach(), *grads]
+
+        times = {p: [] for p in paths}
+        peak = {}
+        out = {}
+        try:
+            for p in paths:  # warm-up, the results kept for the comparison, and the peak memory of one call
+                with kernel_path(p):
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev) if on_cuda else 0
+                    out[p] = call()
+                    sync()
+                    peak[p] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if on_cuda else None
+            for _ in range(rounds):
+                for p in paths:
+                    with kernel_path(p):
+                        sync()
+                        t0 = time.perf_counter()
+                        call()
+                        sync()
+                        times[p].append(1e3 * (time.perf_counter() - t0))
+            first = out[paths[0]]
+            diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                       for p in paths[1:] for a, b in zip(out[p], first)) if len(paths) > 1 else 0.0
+            status, error = "ok", None
+        except Exception as exc:  # one batch size failing (out of memory, say) leaves the others measured
+            diff, status, error = None, "error", f"{type(exc).__name__}: {exc}"[:400]
+        for p in paths:
+            med = statistics.median(times[p]) if times[p] else None
+            rows.append({"B": B, "path": p, "status": status if times[p] else "error", "error": error,
+                         "median_ms": med, "min_ms": min(times[p]) if times[p] else None, "peak_mb": peak.get(p),
+                         "rounds": len(times[p]), "max_rel_diff_between_paths": diff})
+        del u, w, alpha, eta, gy, out
+        if on_cuda:
+            torch.cuda.empty_cache()
+    speedup = {}
+    for B in batches:
+        by = {r["path"]: r for r in rows if r["B"] == B}
+        if "v1" in by and "v2" in by and by["v1"]["median_ms"] and by["v2"]["median_ms"]:
+            speedup[str(B)] = by["v1"]["median_ms"] / by["v2"]["median_ms"]
+    return {"what": f"plastic_rnn forward+backward, N={n}, T={steps}, tanh/hebb, alpha per synapse, float32, "
+                    f"default memory policy, median of {rounds} interleaved calls",
+            "device": device, "gpu": torch.cuda.get_device_name(dev) if on_cuda else None,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": list(paths), "rows": rows,
+            "speedup_v2_over_v1": speedup}
 
 
 def cuda_kernels_registered() -> Optional[bool]:
@@ -230,32 +350,54 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="cuda", help="device of the fused op: cuda (default) or cpu")
     p.add_argument("--quick", action="store_true", help="a smaller matrix (float64, fewer activations and shapes)")
-    p.add_argument("--only", choices=("matrix", "sanitizer"), default="matrix",
-                   help="matrix: every option (default); sanitizer: two small cases")
+    p.add_argument("--only", choices=("matrix", "sanitizer", "timing"), default="matrix",
+                   help="matrix: every option (default); sanitizer: two small cases; timing: the paths timed")
+    p.add_argument("--paths", default=None,
+                   help=f"comma-separated CUDA kernel paths ({', '.join(PATHS)}) to run each case on; default: the "
+                        f"one {PATH_VAR} picks (timing: v1,v2)")
     p.add_argument("--json", default=None, help="write every case's errors and the totals to this file")
     p.add_argument("--verbose", action="store_true", help="one line per case, not only per mismatch")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128], help="timing: batch sizes")
+    p.add_argument("--n", type=int, default=1000, help="timing: N")
+    p.add_argument("--steps", type=int, default=106, help="timing: T")
+    p.add_argument("--rounds", type=int, default=5, help="timing: calls per path and batch size")
     a = p.parse_args(argv)
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device")
+    paths = [x for x in (a.paths or "").split(",") if x]
+    if any(x not in PATHS for x in paths):
+        p.error(f"--paths: each of {', '.join(PATHS)}, got {a.paths!r}")
     if not plastic_ops.extension_available():
         print("the compiled extension is not built: every case will fail", file=sys.stderr)
+    if a.only == "timing":
+        data = time_paths(a.device, paths or list(PATHS), a.batches, a.n, a.steps, a.rounds)
+        print(data["what"])
+        print(paths_table(data))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(data, f, indent=1)
+        return 0 if all(r["status"] == "ok" for r in data["rows"]) else 1
     cases = sanitizer_cases() if a.only == "sanitizer" else build_cases(a.quick)
     registered = cuda_kernels_registered()
-    print(f"fused op on {a.device} vs reference (float64, cpu): {len(cases)} cases; CUDA kernels registered: "
-          f"{registered}", flush=True)
+    print(f"fused op on {a.device} vs reference (float64, cpu): {len(cases)} cases"
+          f"{' x paths ' + ','.join(paths) if paths else ''}; CUDA kernels registered: {registered}", flush=True)
     t0 = time.perf_counter()
     results = []
     for case in cases:
-        r = check_case(case, a.device)
-        results.append(r)
-        if not r["ok"] or a.verbose:
-            what = r.get("error") or (f"{r['worst_tensor']} off by {r['errors'][r['worst_tensor']]:.2e} "
-                                      f"(tolerance {r['tolerances'][r['worst_tensor']]:.1e})")
-            print(f"{'ok  ' if r['ok'] else 'FAIL'} {case.name}: {what}", flush=True)
+        for r in check_case_paths(case, a.device, paths or [None]):
+            results.append(r)
+            if not r["ok"] or a.verbose:
+                what = r.get("error") or (f"{r['worst_tensor']} off by {r['errors'][r['worst_tensor']]:.2e} "
+                                          f"(tolerance {r['tolerances'][r['worst_tensor']]:.1e})")
+                print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['case']}: {what}", flush=True)
     s = summarize(results)
     s.update(device=a.device, only=a.only, quick=a.quick, cuda_kernels_registered=registered,
-             seconds=round(time.perf_counter() - t0, 2),
+             seconds=round(time.perf_counter() - t0, 2), paths=paths or None,
              gpu=torch.cuda.get_device_name(0) if torch.device(a.device).type == "cuda" else None)
+    if paths:
+        s["per_path"] = {pa: summarize([r for r in results if r["path"] == pa]) for pa in paths}
+        for pa, d in s["per_path"].items():
+            print(f"{pa}: {d['cases']} cases, {d['mismatches']} mismatches, worst error {d['worst']:.2e}")
     for dt, d in s["per_dtype"].items():
         print(f"{dt}: {d['cases']} cases, {d['mismatches']} mismatches, worst error {d['worst']:.2e} "
               f"(base tolerance {d['tolerance']:g}) in {d['worst_tensor']} of {d['worst_case']}; "

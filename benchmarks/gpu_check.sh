@@ -9,11 +9,15 @@
 # too little is left; a failing step does not stop the others:
 #   env          machine and versions
 #   build        setup.py build_ext --inplace with the CUDA kernels, then a check that they are registered
-#   reference    the fused op on CUDA against plastic_ops.reference over every option, float64 and float32
-#                (benchmarks/cuda_vs_reference.py): number of mismatches and the worst error
+#   reference    the fused op on CUDA against plastic_ops.reference over every option, float64 and float32,
+#                on both CUDA kernel paths (PLASTIC_OPS_CUDA_KERNELS=v1 and v2; benchmarks/cuda_vs_reference.py):
+#                number of mismatches and the worst error, per path
+#   paths        forward+backward at N=1000, T=106, B=1, 8, 32, 128 on both kernel paths, side by side, with the
+#                speed-up of v2 over v1 (cuda_vs_reference.py --only timing)
 #   memcheck     compute-sanitizer memcheck, then racecheck, on two small cases (skipped with a note when
 #   racecheck    compute-sanitizer is absent or cannot attach to the GPU)
-#   tests        the op tests on CUDA (-k cuda), no -x; zero passed tests is a failure
+#   tests        the op tests on CUDA (-k cuda; the default path v2, and both paths against the reference), no -x;
+#                zero passed tests is a failure
 #   bench        the headline benchmark: fused and eager at N=1001, T=106, B=1 and 32, fused alone at
 #                B=128, forward trace bandwidth against a device copy (benchmarks.compare --headline)
 #   exp_*        one short run of each experiment on CUDA
@@ -203,12 +207,22 @@ else
       && ls -la plastic_ops/_C*.so && "$0" -c "$1" cuda' "$PYTHON" "$VERIFY_BUILD" "$ARCH"
 fi
 
+# Both CUDA kernel paths against one reference (on the CPU the variable changes nothing: one path).
 if [ "$DRY_RUN" = "1" ]; then
   run_step reference reference 60 reference.json \
-    "$PYTHON" -m benchmarks.cuda_vs_reference --device cpu --quick --json "$WORK/reference.json"
+    "$PYTHON" -m benchmarks.cuda_vs_reference --device cpu --quick --paths v2 --json "$WORK/reference.json"
 else
-  run_step reference reference 60 reference.json \
-    "$PYTHON" -m benchmarks.cuda_vs_reference --device cuda --json "$WORK/reference.json"
+  run_step reference reference 75 reference.json \
+    "$PYTHON" -m benchmarks.cuda_vs_reference --device cuda --paths v1,v2 --json "$WORK/reference.json"
+fi
+
+# Both kernel paths timed side by side, interleaved.
+if [ "$DRY_RUN" = "1" ]; then
+  run_step paths timing 60 paths.json "$PYTHON" -m benchmarks.cuda_vs_reference --device cpu --only timing \
+    --paths v1,v2 --n 24 --steps 5 --batches 1 2 --rounds 2 --json "$WORK/paths.json"
+else
+  run_step paths timing 60 paths.json "$PYTHON" -m benchmarks.cuda_vs_reference --device cuda --only timing \
+    --paths v1,v2 --json "$WORK/paths.json"
 fi
 
 # compute-sanitizer: without the caching allocator every tensor is its own allocation, so memcheck sees
@@ -231,7 +245,7 @@ else
 fi
 
 run_step tests pytest 100 tests.junit.xml "$PYTHON" -m pytest tests/test_op_vs_reference.py \
-  tests/test_gradcheck.py tests/test_registration.py -q -rfEs -k "$PYTEST_K" \
+  tests/test_gradcheck.py tests/test_registration.py tests/test_cuda_kernel_switch.py -q -rfEs -k "$PYTEST_K" \
   -o faulthandler_timeout=60 --junitxml "$WORK/tests.junit.xml"
 
 if [ "$DRY_RUN" = "1" ]; then

@@ -7,7 +7,8 @@ gpu_check.sh runs each step with its output in a scratch folder WORK and appends
 WORK/steps.tsv (name, kind, state, exit status, seconds, time cap, artifact, note). `pack` judges every step
 from its exit status and its artifact, and writes into OUT at most these files, whatever ran:
 
-    summary.txt     what the console shows last: verdict per step, mismatches, test counts, headline table
+    summary.txt     what the console shows last: verdict per step, mismatches, test counts, the kernel paths'
+                    timings side by side, headline table
     summary.json    the same, machine-readable
     headline.json   the headline benchmark (benchmarks.compare's results.json), or why it is missing
     headline.csv    one row per case and implementation
@@ -117,6 +118,70 @@ def bench_verdict(rc: int, data: Optional[dict]) -> Tuple[str, str]:
     return "pass", note
 
 
+def timing_verdict(rc: int, data: Optional[dict]) -> Tuple[str, str]:
+    """The kernel paths timed side by side: every (batch, path) measured, or a failure."""
+    if not data:
+        return "FAIL", f"no result file (exit status {rc})"
+    rows = data.get("rows", [])
+    bad = [f"B={r['B']} {r['path']}: {r.get('error') or r['status']}"[:160] for r in rows if r["status"] != "ok"]
+    parts = []
+    for b in sorted({r["B"] for r in rows}):
+        by = {r["path"]: r for r in rows if r["B"] == b}
+        ms = ", ".join(f"{p} {by[p]['median_ms']:.2f} ms" for p in data.get("paths", [])
+                       if by.get(p, {}).get("median_ms"))
+        sp = (data.get("speedup_v2_over_v1") or {}).get(str(b))
+        parts.append(f"B={b}: {ms or 'not measured'}" + (f" ({sp:.2f}x)" if sp else ""))
+    note = "; ".join(parts) or "nothing measured"
+    if not rows or bad or rc != 0:
+        return "FAIL", note + (f"; {'; '.join(bad)}" if bad else f" (exit status {rc})")
+    return "pass", note
+
+
+def paths_table(data: dict) -> str:
+    """Markdown: one row per batch size, the paths side by side and v1 / v2."""
+    paths = data["paths"]
+    head = "| B | " + " | ".join(f"{p} ms | {p} MB" for p in paths) + " | v1 / v2 | paths differ by |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for B in sorted({r["B"] for r in data["rows"]}):
+        by = {r["path"]: r for r in data["rows"] if r["B"] == B}
+        cells = []
+        for p in paths:
+            r = by.get(p, {})
+            ms = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else (r.get("status") or "–")
+            mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "–"
+            cells.append(f"{ms} | {mb}")
+        sp = data["speedup_v2_over_v1"].get(str(B))
+        diff = next(iter(by.values())).get("max_rel_diff_between_paths")
+        lines.append(f"| {B} | " + " | ".join(cells) + f" | {f'{sp:.2f}x' if sp else '–'} | "
+                     f"{f'{diff:.1e}' if diff is not None else '–'} |")
+    return "\n".join(lines)
+
+
+def cuda_kernels_registered() -> Optional[bool]:
+    """Whether the extension registered CUDA kernels for its four ops (None when torch cannot be asked)."""
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"plastic_ops::{form}_{part}", "CUDA")
+                   for form in ("plastic_linear", "plastic_rnn") for part in ("forward", "backward"))
+    except Exception:
+        return None
+
+
+def summarize(results: List[dict]) -> dict:
+    bad = [r for r in results if not r["ok"]]
+    per_dtype = {}
+    for dt in sorted({r["dtype"] for r in results}):
+        rs = [r for r in results if r["dtype"] == dt]
+        w = max(rs, key=lambda r: r["worst"])
+        m = max(rs, key=lambda r: r["worst_of_tolerance"])
+        per_dtype[dt] = {"cases": len(rs), "mismatches": sum(not r["ok"] for r in rs), "worst": w["worst"],
+                         "worst_case": w["case"], "worst_tensor": w["worst_tensor"], "tolerance": TOLERANCE[dt],
+                         "worst_of_tolerance": m["worst_of_tolerance"], "closest_case": m["case"]}
+    worst = max(results, key=lambda r: r["worst"]) if results else None
+    return {"cases": len(results), "mismatches": len(bad), "errors": sum("error" in r for r in results),
+            "worst": worst["worst"] if worst else None, "worst_case": worst["case"] if worst else None,
+            "per_dtype": per_dtype}
+
+
 def plain_verdict(rc: int) -> Tuple[str, str]:
     return ("pass", "exit status 0") if rc == 0 else ("FAIL", f"exit status {rc}")
 
@@ -162,6 +227,11 @@ def judge(step: dict, work: Path) -> dict:
                                        for r in data["results"] if not r["ok"]]
     elif kind == "bench":
         status, note = bench_verdict(rc, _read_json(art) if art else None)
+    elif kind == "timing":
+        data = _read_json(art) if art else None
+        status, note = timing_verdict(rc, data)
+        if data:
+            out["paths"] = data
     else:
         status, note = plain_verdict(rc)
     if rc in (124, 137):
@@ -272,6 +342,12 @@ def render(summary: dict) -> str:
             lines += [f"  {n}" for n in names[:12]]
         if s.get("log_tail"):
             lines.append(f"{s['name']}: log tail: {s['log_tail'][:600]}")
+    for s in steps:
+        if s.get("paths") and s["paths"].get("rows"):
+            lines.append("")
+            where = s["paths"].get("gpu") or s["paths"]["device"]
+            lines.append(f"kernel paths ({s['name']}): {s['paths']['what']}; {where}, {s['paths'].get('date', '')}")
+            lines.append(paths_table(s["paths"]))
     lines.append("")
     hl = summary["headline"]
     if hl["rows"]:

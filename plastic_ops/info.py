@@ -1,11 +1,13 @@
 """What was built and what is running: `python -m plastic_ops.info`, or plastic_ops.info.collect().
 
 Reports the package version; whether the compiled extension loads and, if not, why; whether its
-CUDA kernels were built and for which GPU architectures; the torch and CUDA versions it was built
-against and those running; and which kernels each op has registered per dispatch key.
+CUDA kernels were built and for which GPU architectures, and which of their two paths a call takes;
+the torch and CUDA versions it was built against and those running; and which kernels each op has
+registered per dispatch key.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -15,6 +17,25 @@ from . import __version__, _extension
 # Dispatch keys worth reporting: the device kernels, the fake kernel (Meta, used by torch.compile)
 # and the autograd formula.
 DISPATCH_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
+
+#: Picks the CUDA kernels at each call (docs/cuda.md, "Two paths"): unset or "v2", the fused kernels;
+#: "v1", the previous ones. The compiled op reads it itself and refuses any other value.
+CUDA_KERNELS_VAR = "PLASTIC_OPS_CUDA_KERNELS"
+CUDA_KERNEL_PATHS = {"v2": "the fused kernels (default)", "v1": "the previous kernels"}
+
+
+def cuda_kernels() -> str:
+    """The CUDA kernel path a call takes now: "v2" or "v1", from PLASTIC_OPS_CUDA_KERNELS.
+
+    Raises ValueError, naming the variable, for a value the compiled op would refuse.
+    """
+    value = os.environ.get(CUDA_KERNELS_VAR, "")
+    if value in ("", "v2"):
+        return "v2"
+    if value == "v1":
+        return "v1"
+    raise ValueError(f"{CUDA_KERNELS_VAR} must be 'v2' (the fused kernels, the default) or 'v1' "
+                     f"(the previous kernels), got {value!r}")
 
 
 def _architectures(flags: list) -> list:
@@ -74,7 +95,16 @@ def collect() -> dict:
         "running": {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                     "cuda_available": torch.cuda.is_available(), "gpus": gpus},
         "kernels": registered_kernels(),
+        "cuda_kernel_path": _cuda_kernel_path(),
     }
+
+
+def _cuda_kernel_path() -> dict:
+    value = os.environ.get(CUDA_KERNELS_VAR)
+    try:
+        return {"path": cuda_kernels(), "variable": value, "error": None}
+    except ValueError as exc:
+        return {"path": None, "variable": value, "error": str(exc)}
 
 
 def format_report(info: dict) -> str:
@@ -96,6 +126,13 @@ def format_report(info: dict) -> str:
                          f"{', '.join(info['cuda_architectures']) or built.get('cuda_arch_list')}")
         else:
             lines.append(f"CUDA kernels: not built ({built.get('no_cuda_reason')})")
+    path = info.get("cuda_kernel_path")
+    if path is not None:
+        how = f"{CUDA_KERNELS_VAR}={path['variable']}" if path["variable"] is not None else f"{CUDA_KERNELS_VAR} unset"
+        if path["path"] is None:
+            lines.append(f"CUDA kernel path: INVALID ({path['error']})")
+        else:
+            lines.append(f"CUDA kernel path: {path['path']}, {CUDA_KERNEL_PATHS[path['path']]} ({how})")
     lines.append(f"running with: torch {running['torch']}, CUDA {running['torch_cuda'] or 'none'} (torch's), "
                  f"GPU {'available' if running['cuda_available'] else 'not available'}")
     for i, gpu in enumerate(running["gpus"]):

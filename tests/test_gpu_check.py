@@ -58,11 +58,11 @@ def test_dry_run_layout_and_summary(tmp_path):
     # The console shows the summary last.
     assert stdout.rstrip().endswith(text.rstrip())
     steps = step_lines(text)
-    assert list(steps) == ["env", "build", "reference", "memcheck", "racecheck", "tests", "bench", "exp_pattern",
-                           "exp_classification", "exp_denoising"]
+    assert list(steps) == ["env", "build", "reference", "paths", "memcheck", "racecheck", "tests", "bench",
+                           "exp_pattern", "exp_classification", "exp_denoising"]
     assert steps["build"][0] == "skip" and "skip-build" in steps["build"][1]
     assert steps["memcheck"][0] == steps["racecheck"][0] == "skip"
-    for name in ("env", "reference", "tests", "bench", "exp_pattern", "exp_classification", "exp_denoising"):
+    for name in ("env", "reference", "paths", "tests", "bench", "exp_pattern", "exp_classification", "exp_denoising"):
         assert steps[name][0] == "pass", (name, steps[name])
     assert "0 mismatches" in steps["reference"][1] and "worst error float64" in steps["reference"][1]
 
@@ -73,6 +73,15 @@ def test_dry_run_layout_and_summary(tmp_path):
     assert f"{counts['passed']} passed" in steps["tests"][1]
     ref = by["reference"]["reference"]
     assert ref["cases"] > 20 and ref["mismatches"] == 0 and ref["worst"] < 1e-9
+    assert ref["per_path"]["v2"]["cases"] == ref["cases"]
+
+    # Both kernel paths timed side by side (on the CPU both run the CPU kernel: the same results).
+    paths = by["paths"]["paths"]
+    assert paths["paths"] == ["v1", "v2"] and sorted({r["B"] for r in paths["rows"]}) == [1, 2]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["rounds"] == 2 for r in paths["rows"])
+    assert all(r["max_rel_diff_between_paths"] == 0 for r in paths["rows"])
+    assert set(paths["speedup_v2_over_v1"]) == {"1", "2"}
+    assert "| B | v1 ms | v1 MB | v2 ms | v2 MB | v1 / v2 | paths differ by |" in text
 
     # The headline: one row per batch size, both implementations timed, ratios shown.
     rows = summary["headline"]["rows"]
@@ -85,7 +94,8 @@ def test_dry_run_layout_and_summary(tmp_path):
 
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    for log in ("env", "reference", "tests", "bench", "exp_pattern", "exp_classification", "exp_denoising"):
+    for log in ("env", "reference", "paths", "tests", "bench", "exp_pattern", "exp_classification",
+                "exp_denoising"):
         assert f"gpu_check/logs/{log}.log" in names
     assert "gpu_check/tests.junit.xml" in names and "gpu_check/reference.json" in names
     assert not any(n.endswith(".pt") for n in names)
@@ -169,6 +179,21 @@ def test_step_judgement(tmp_path):
     judged = report.judge(dict(step, name="reference", kind="reference", rc="0", artifact="ref.json"), tmp_path)
     assert judged["status"] == "FAIL" and "1 mismatches" in judged["verdict_note"]
     assert judged["mismatched_cases"] == ["c: dw"]
+
+
+def test_timing_verdicts():
+    def row(b, path, ms, status="ok", error=None):
+        return dict(B=b, path=path, median_ms=ms, status=status, error=error, peak_mb=10.0,
+                    max_rel_diff_between_paths=1e-7)
+    data = {"what": "w", "device": "cuda", "paths": ["v1", "v2"], "speedup_v2_over_v1": {"1": 2.0},
+            "rows": [row(1, "v1", 4.0), row(1, "v2", 2.0)]}
+    status, note = report.timing_verdict(0, data)
+    assert status == "pass" and note == "B=1: v1 4.00 ms, v2 2.00 ms (2.00x)"
+    assert "| 1 | 4.00 | 10 | 2.00 | 10 | 2.00x | 1.0e-07 |" in report.paths_table(data)
+    data["rows"].append(row(128, "v1", None, status="error", error="OutOfMemoryError: CUDA out of memory"))
+    status, note = report.timing_verdict(0, data)
+    assert status == "FAIL" and "B=128 v1: OutOfMemoryError" in note
+    assert report.timing_verdict(1, None)[0] == "FAIL"
 
 
 def test_out_layout_limits(tmp_path):

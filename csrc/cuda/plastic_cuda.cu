@@ -15,6 +15,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -548,6 +549,299 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
   }
 }
 
+}  // namespace
+}  // namespace plastic_ops
+
+// ==========================================================================================
+// The fused path, the default: one pass over the trace per step in the backward (the drive half
+// of step m+1 with the update half of step m), several episodes per thread, every H_t written once
+// straight into the slot where it is kept. The kernels are in the headers below;
+// PLASTIC_OPS_CUDA_KERNELS=v1 selects the kernels above instead (docs/cuda.md, "Two paths").
+#include "fused_backward.cuh"
+#include "fused_forward.cuh"
+
+namespace plastic_ops {
+namespace {
+
+// Launched by name (unqualified) below.
+using fused::fused_activation_forward_kernel;
+using fused::fused_backward_pass_kernel;
+using fused::fused_dalpha_reduce_kernel;
+using fused::fused_forward_sweep_kernel;
+using fused::fused_step_finish_kernel;
+using fused::fused_update_steps_kernel;
+
+// Which kernels run: PLASTIC_OPS_CUDA_KERNELS, read at each call; unset or "v2": the fused ones.
+bool use_fused_kernels() {
+  const char* v = std::getenv("PLASTIC_OPS_CUDA_KERNELS");
+  const std::string s = v == nullptr ? "" : v;
+  if (s.empty() || s == "v2") return true;
+  TORCH_CHECK_VALUE(s == "v1", "plastic_ops: PLASTIC_OPS_CUDA_KERNELS must be 'v2' (the fused kernels, the default) "
+                    "or 'v1' (the previous kernels), got '", s, "'");
+  return false;
+}
+
+// Blocks of a kernel resident on one SM, from the occupancy calculator; a whole SM's worth of
+// threads when it cannot tell.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads) {
+#if defined(__CUDACC__)
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) == cudaSuccess && n > 0) return n;
+  (void)cudaGetLastError();  // a failed query leaves no error behind for the next launch check
+#else
+  (void)kernel;
+#endif
+  return std::max(1, 2048 / threads);
+}
+
+struct FusedGrid {
+  dim3 grid;  // (ceil(N_out / kThreads), ceil(B / kTile), S)
+  int64_t n_split, chunk;
+};
+
+// The i range is split into S parts when the (j, tile) blocks alone do not fill one wave of resident
+// blocks (SMs times resident_blocks): S = the number of whole copies of them that fit in the wave,
+// each walking at least kMinRowsPerSplit rows.
+FusedGrid fused_grid(int64_t B, int64_t n_in, int64_t n_out, int per_sm) {
+  const int64_t gx = ceil_div(n_out, fused::kThreads), gy = ceil_div(B, fused::kTile);
+  if (n_in == 0) return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1), 1, 1};
+  const int64_t wave = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * per_sm;
+  int64_t n_split = std::max<int64_t>(1, std::min<int64_t>({wave / (gx * gy), ceil_div(n_in, kMinRowsPerSplit),
+                                                            kMaxGridYZ}));
+  const int64_t chunk = ceil_div(n_in, n_split);
+  n_split = ceil_div(n_in, chunk);
+  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(n_split)), n_split, chunk};
+}
+
+// Grid of fused_update_steps_kernel: thread j of a row, a grid-stride loop over the B * N_in rows.
+dim3 update_steps_grid(const Dims& d) {
+  return dim3(static_cast<unsigned>(ceil_div(d.n_out, fused::kThreads)),
+              static_cast<unsigned>(std::min<int64_t>(d.B * d.n_in, kMaxGridYZ)));
+}
+
+template <typename acc_t>
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+// Forward: H_t lands once, straight where it is kept: checkpoint t / K when K divides t (H_0 copied
+// by the sweep of step 0), else the output trace, updated in place, which ends as H_T.
+template <typename scalar_t, typename trace_t, bool OJA>
+void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                        const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Act act,
+                        c10::optional<double> clip, const Dims& d, at::Tensor& y, at::Tensor& hT,
+                        at::Tensor& ckpts) {
+  using acc_t = fused::acc_type<scalar_t>;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool has_clip = clip.has_value();
+  const acc_t c = has_clip ? static_cast<acc_t>(*clip) : acc_t(0);
+  const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out;
+  const FusedGrid g = fused_grid(
+      d.B, d.n_in, d.n_out,
+      resident_blocks(fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true>, fused::kThreads));
+  at::Tensor part = at::empty({g.n_split, d.B, d.n_out}, acc_options<acc_t>(drive));
+
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  trace_t* hp = hT.data_ptr<trace_t>();
+  trace_t* cp = d.K > 0 ? ckpts.data_ptr<trace_t>() : nullptr;
+  const trace_t* h0p = h0.data_ptr<trace_t>();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* ap = alpha.data_ptr<scalar_t>();
+  const scalar_t* ep = e.data_ptr<scalar_t>();
+  const scalar_t* dp = drive.data_ptr<scalar_t>();
+  acc_t* partp = part.data_ptr<acc_t>();
+  const fused::PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
+  auto slot = [&](int64_t t) -> trace_t* { return d.K > 0 && t % d.K == 0 ? cp + (t / d.K) * hs : hp; };
+
+  const trace_t* cur = h0p;  // holds H_t
+  for (int64_t t = 0; t < d.T; ++t) {
+    if (t == 0) {
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, false><<<g.grid, fused::kThreads, 0, stream>>>(
+          h0p, cp, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, g.chunk, has_clip, c);
+    } else {
+      trace_t* next = slot(t);
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true><<<g.grid, fused::kThreads, 0, stream>>>(
+          cur, next, P.at(t - 1), yp + (t - 1) * bo, ep + (t - 1) * bo, P.at(t), wp, ap, partp, d.B, d.n_in,
+          d.n_out, g.chunk, has_clip, c);
+      cur = next;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fused_activation_forward_kernel<scalar_t><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+        partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (d.n_in > 0) {  // H_T: the update of the last step
+    fused_update_steps_kernel<scalar_t, trace_t, OJA><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
+        cur, hp, 0, d.T - 1, 1, P, yp, ep, has_clip, c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Backward: m = T-1 .. 0, one pass per m (the drive half of step m+1 with the update half of step m),
+// then the drive half of step 0 alone (docs/op_spec.md, "Backward"). H_m comes from its checkpoint
+// when K divides m, else from the segment recomputed on entering it. Without dL/dH_T (has_grad_hT
+// false) the update half of step T-1 is skipped and the first pass writes G without reading it.
+template <typename scalar_t, typename trace_t, bool OJA>
+void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT, bool has_grad_hT,
+                         const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
+                         const at::Tensor& y, const at::Tensor& ckpts, Act act, c10::optional<double> clip,
+                         const Dims& d, at::Tensor& G, at::Tensor& g_pre, at::Tensor& g_drive, at::Tensor& g_alpha,
+                         at::Tensor& g_e) {
+  using acc_t = fused::acc_type<scalar_t>;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool has_clip = clip.has_value();
+  const acc_t c = has_clip ? static_cast<acc_t>(*clip) : acc_t(0);
+  const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out, bi = d.B * d.n_in;
+  const FusedGrid g = fused_grid(
+      d.B, d.n_in, d.n_out,
+      resident_blocks(fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true>, fused::kThreads));
+  const int64_t n_warps_j = ceil_div(d.n_out, 32);
+  const int64_t n_tiles = ceil_div(d.B, fused::kTile);
+  const int64_t slot_numel = d.B * n_warps_j * d.n_in;
+
+  const auto acc_opts = acc_options<acc_t>(grad_y);
+  at::Tensor de_part = at::empty({g.n_split, d.B, d.n_out}, acc_opts);
+  at::Tensor dy_part = at::empty({g.n_split, d.B, d.n_out}, acc_opts);
+  at::Tensor dp_slots = at::empty({2, d.B, n_warps_j, d.n_in}, acc_opts);  // dL/dp_t per warp, t even / odd
+  at::Tensor dalpha_part = at::zeros({n_tiles, d.n_in, d.n_out}, acc_opts);
+  const int64_t seg_max = std::min(d.K, d.T);
+  at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{cK+1} .. of a segment
+
+  trace_t* Gp = G.data_ptr<trace_t>();
+  scalar_t* gpre = g_pre.data_ptr<scalar_t>();
+  scalar_t* gdrive = g_drive.data_ptr<scalar_t>();
+  scalar_t* ge = g_e.data_ptr<scalar_t>();
+  acc_t* dep = de_part.data_ptr<acc_t>();
+  acc_t* dyp = dy_part.data_ptr<acc_t>();
+  acc_t* slotp = dp_slots.data_ptr<acc_t>();
+  acc_t* dap = dalpha_part.data_ptr<acc_t>();
+  trace_t* segp = seg.data_ptr<trace_t>();
+  const trace_t* ckp = ckpts.data_ptr<trace_t>();
+  const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* ep = e.data_ptr<scalar_t>();
+  const scalar_t* wp = w.data_ptr<scalar_t>();
+  const scalar_t* ap = alpha.data_ptr<scalar_t>();
+  const fused::PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
+
+  auto H_at = [&](int64_t m) -> const trace_t* {
+    return m % d.K == 0 ? ckp + (m / d.K) * hs : segp + (m % d.K - 1) * hs;
+  };
+  auto slots = [&](int64_t t) -> acc_t* { return slotp + (t % 2) * slot_numel; };
+  // The end of step m (act_step) and/or dL/dp written out from the slots of step t_dp.
+  auto finish = [&](int64_t m, int64_t t_dp, scalar_t* dp_out, bool carry, bool act_step, bool has_update) {
+    fused_step_finish_kernel<scalar_t><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+        slots(t_dp), n_warps_j, d.n_in, dp_out, carry, act_step, dyp, dep, g.n_split, has_update, gyp + m * bo,
+        yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  bool g_zero = !has_grad_hT;
+  const trace_t* Gin = has_grad_hT ? grad_hT.data_ptr<trace_t>() : Gp;
+  bool update_ran_next = false;  // the update half of step m+1 ran and set the slots of dL/dp_{m+1}
+  for (int64_t m = d.T - 1; m >= 0; --m) {
+    const int64_t s = m - m % d.K;
+    if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1) && bi > 0) {  // entering segment [s, m]
+      fused_update_steps_kernel<scalar_t, trace_t, OJA><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
+          H_at(s), segp, hs, s, m - s, P, yp, ep, has_clip, c);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const bool drive = m + 1 < d.T;
+    if (!drive && g_zero) {  // the update half of step T-1 against a zero G: every term is zero
+      finish(m, m + 1, nullptr, false, true, false);
+      update_ran_next = false;
+      continue;
+    }
+    const scalar_t* ga_next = drive ? gdrive + (m + 1) * bo : nullptr;
+    const scalar_t* p_next = drive ? P.at(m + 1) : nullptr;
+    acc_t* dp_next = drive ? slots(m + 1) : nullptr;
+    if (drive) {
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true><<<g.grid, fused::kThreads, 0, stream>>>(
+          H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), p_next, ga_next, wp, ap,
+          dap, dp_next, update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+    } else {
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, false, true><<<g.grid, fused::kThreads, 0, stream>>>(
+          H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), nullptr, nullptr, wp, ap,
+          dap, nullptr, false, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    g_zero = false;
+    Gin = Gp;
+    // dL/dp_{m+1} is complete: dL/dx_{m+1} (linear) or, recurrent, a part of dL/dy_m
+    finish(m, m + 1, drive && !recurrent ? gpre + (m + 1) * bi : nullptr, drive && recurrent, true, true);
+    update_ran_next = true;
+  }
+  // the drive half of step 0, then dL/dp_0: dL/dx_0 (linear) or dL/dy0 (recurrent)
+  fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, false><<<g.grid, fused::kThreads, 0, stream>>>(
+      H_at(0), Gin, Gp, g_zero, nullptr, nullptr, nullptr, dep, dyp, nullptr, P.at(0), gdrive, wp, ap, dap, slots(0),
+      update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finish(0, 0, gpre, false, false, false);
+  const int64_t a_numel = d.n_in * d.n_out;
+  if (a_numel > 0) {
+    fused_dalpha_reduce_kernel<scalar_t>
+        <<<static_cast<unsigned>(ceil_div(a_numel, fused::kRowThreads)), fused::kRowThreads, 0, stream>>>(
+            dap, n_tiles, a_numel, g_alpha.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
+                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Rule rule, Act act,
+                            c10::optional<double> clip, const Dims& d) {
+  at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
+  at::Tensor hT = at::empty_like(h0);
+  at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
+  if (d.B == 0 || d.n_out == 0) {  // nothing to compute: y and the traces are empty
+    hT.copy_(h0);
+    return std::make_tuple(y, hT, ckpts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda_fused", [&] {
+    if (rule == Rule::Oja) {
+      fused_forward_impl<scalar_t, scalar_t, true>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT, ckpts);
+    } else {
+      fused_forward_impl<scalar_t, scalar_t, false>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT, ckpts);
+    }
+  });
+  return std::make_tuple(y, hT, ckpts);
+}
+
+BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+                              const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
+                              const at::Tensor& y, const at::Tensor& ckpts, Rule rule, Act act,
+                              c10::optional<double> clip, const Dims& d) {
+  const auto opts = grad_y.options();
+  if (d.B == 0 || d.n_out == 0) {
+    return std::make_tuple(at::zeros_like(pre), at::zeros({d.T, d.B, d.n_out}, opts), at::zeros_like(w),
+                           at::zeros({d.n_in, d.n_out}, opts), at::zeros({d.T, d.B, d.n_out}, opts),
+                           at::zeros({d.B, d.n_in, d.n_out}, ckpts.options()));
+  }
+  const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
+  // every element of these is written by the kernels
+  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options());
+  at::Tensor g_pre = at::empty_like(pre);
+  at::Tensor g_drive = at::empty({d.T, d.B, d.n_out}, opts);
+  at::Tensor g_alpha = at::empty({d.n_in, d.n_out}, opts);
+  at::Tensor g_e = at::empty({d.T, d.B, d.n_out}, opts);
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda_fused", [&] {
+    if (rule == Rule::Oja) {
+      fused_backward_impl<scalar_t, scalar_t, true>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y,
+                                                    ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e);
+    } else {
+      fused_backward_impl<scalar_t, scalar_t, false>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y,
+                                                     ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e);
+    }
+  });
+  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps.
+  at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
+  at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
+  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
+}
+
+// ------------------------------------------------------------------------------------------
+// Op entry points.
+
 void check_cuda(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "plastic_ops: the CUDA kernels got a tensor on ", t.device());
 }
@@ -561,6 +855,7 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
+  if (use_fused_kernels()) return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d);
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
   at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, drive.options());
@@ -585,6 +880,9 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   check_cuda(grad_y);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
+  if (use_fused_kernels()) {
+    return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d);
+  }
 
   // dL/dH_T, walked back to dL/dH_0 (zeros for the zero marker: the CUDA sweeps always read G)
   at::Tensor G = is_zero_grad_marker(grad_hT) ? at::zeros_like(ckpts.select(0, 0)) : grad_hT.clone();

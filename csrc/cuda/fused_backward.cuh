@@ -1,0 +1,228 @@
+// The fused path's backward kernels: one pass over the trace per step (the drive half of step m+1
+// and the update half of step m), the per-row finish of a step, and the last sum of dL/dalpha.
+// Walk, thread mapping and traffic: docs/op_spec.md ("Backward") and docs/cuda.md ("The fused
+// kernels"). Device code only.
+#pragma once
+
+#include "fused_common.cuh"
+
+namespace plastic_ops {
+namespace fused {
+
+// One pass over (H_m, G). Thread (j, tile of kTile episodes from b0, split z) walks i in its split
+// and, for each element of its tile, runs in registers:
+//   UPDATE: Hpre_{m+1} = update(H_m) and H_{m+1} = stored_trace(Hpre_{m+1}), exactly as the forward.
+//   DRIVE (step tb = m+1 with UPDATE, else tb = m and H_tb = H_m): G += alpha p_tb ga_tb (completing
+//     dL/dH_tb); the tile's sum of p_tb ga_tb H_tb goes to dalpha_part[tile, i, j] (this thread's own
+//     slot, over all steps); ga (w + alpha H_tb) is summed over j into dp_b (dL/dp_tb).
+//   UPDATE: through the clamp and the update of step m: G becomes the trace path of dL/dH_m; sums
+//     over i of dL/de_m and of the update's dL/dy_m go to de_part/dy_part[z, b, j]; G e y is summed
+//     over j into dp_a (dL/dp_m).
+// Sums over j: per i, the warp adds its 32 lanes with warp_sum_many and one lane writes slot
+// [b, warp, i] of dp_a (set) or dp_b (set, or added to the update's part when dp_b_add): every slot
+// has one writer per pass, and dp_a and dp_b are different buffers. Gin may be Gout (in place, the
+// next row loaded before this row is stored); g_zero: G is zero and Gin is not read.
+template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE>
+__global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
+    const trace_t* __restrict__ Hm, const trace_t* Gin, trace_t* Gout, bool g_zero,
+    const scalar_t* __restrict__ p_a, const scalar_t* __restrict__ y_a, const scalar_t* __restrict__ e_a,
+    acc_type<scalar_t>* __restrict__ de_part, acc_type<scalar_t>* __restrict__ dy_part,
+    acc_type<scalar_t>* __restrict__ dp_a, const scalar_t* __restrict__ p_b, const scalar_t* __restrict__ ga_b,
+    const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha, acc_type<scalar_t>* __restrict__ dalpha_part,
+    acc_type<scalar_t>* __restrict__ dp_b, bool dp_b_add, int64_t B, int64_t n_in, int64_t n_out, int64_t n_warps_j,
+    int64_t chunk, bool has_clip, acc_type<scalar_t> clip) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int NV = (DRIVE ? kTile : 0) + (UPDATE ? kTile : 0);  // values summed over j per i
+  constexpr int kLanesPerValue = 32 / NV;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool valid = j < n_out;  // threads past N_out stay for the warp sums
+  const int64_t jw = j >> 5;
+  const int lane = threadIdx.x & 31;
+  // the lane that ends with the sum of value `mine` writes it (warps wholly past N_out write nothing)
+  const int mine = lane / kLanesPerValue;
+  const bool writes = lane % kLanesPerValue == 0 && jw < n_warps_j;
+  const int64_t tile = blockIdx.y;
+  const int64_t b0 = tile * kTile;
+  const int nb = static_cast<int>(B - b0 < kTile ? B - b0 : kTile);
+  const int64_t z = blockIdx.z;
+  const int64_t i0 = z * chunk;
+  const int64_t i1 = i0 + chunk < n_in ? i0 + chunk : n_in;
+  const int64_t plane = n_in * n_out;
+
+  acc_t ya[kTile], ea[kTile], gab[kTile], de[kTile], dy[kTile];
+  trace_t h_next[kTile], g_next[kTile];
+#pragma unroll
+  for (int k = 0; k < kTile; ++k) {
+    ya[k] = ea[k] = gab[k] = de[k] = dy[k] = acc_t(0);
+    h_next[k] = g_next[k] = trace_t(0);
+    if (valid && k < nb) {
+      const int64_t c = (b0 + k) * n_out + j;
+      if (UPDATE) {
+        ya[k] = static_cast<acc_t>(y_a[c]);
+        ea[k] = static_cast<acc_t>(e_a[c]);
+      }
+      if (DRIVE) gab[k] = static_cast<acc_t>(ga_b[c]);
+      if (i0 < i1) {
+        const int64_t o = (b0 + k) * plane + i0 * n_out + j;
+        h_next[k] = Hm[o];
+        if (!g_zero) g_next[k] = Gin[o];
+      }
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    trace_t h_cur[kTile], g_cur[kTile];
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) {
+      h_cur[k] = h_next[k];
+      g_cur[k] = g_next[k];
+      if (valid && k < nb && i + 1 < i1) {
+        const int64_t o = (b0 + k) * plane + (i + 1) * n_out + j;
+        h_next[k] = Hm[o];
+        if (!g_zero) g_next[k] = Gin[o];
+      }
+    }
+    const int64_t wo = i * n_out + j;
+    const acc_t wv = DRIVE && valid ? static_cast<acc_t>(w[wo]) : acc_t(0);
+    const acc_t av = DRIVE && valid ? static_cast<acc_t>(alpha[wo]) : acc_t(0);
+    acc_t sums[NV];
+    acc_t da = 0;
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) {
+      acc_t sb = 0, sa = 0;
+      if (valid && k < nb) {
+        const int64_t r = (b0 + k) * n_in + i;
+        const acc_t h = static_cast<acc_t>(h_cur[k]);
+        acc_t g = g_zero ? acc_t(0) : static_cast<acc_t>(g_cur[k]);
+        const acc_t pa = UPDATE ? static_cast<acc_t>(p_a[r]) : acc_t(0);
+        const acc_t hpre = UPDATE ? updated_trace<OJA>(h, pa, ya[k], ea[k]) : h;
+        const acc_t hb = UPDATE ? stored_trace<trace_t>(hpre, has_clip, clip) : h;  // H_tb, as the forward had it
+        if (DRIVE) {
+          const acc_t pg = static_cast<acc_t>(p_b[r]) * gab[k];
+          g += pg * av;  // products in the reference's order (see fused_forward_sweep_kernel)
+          da += pg * hb;
+          sb = gab[k] * wv + gab[k] * (av * hb);
+        }
+        if (UPDATE) {
+          if (has_clip && !(hpre >= -clip && hpre <= clip)) g = acc_t(0);
+          const acc_t yv = ya[k], ev = ea[k];
+          // Terms kept apart as autograd keeps them on the reference (no factoring), so an infinite
+          // g gives inf - inf = NaN exactly where the reference does.
+          if (OJA) {
+            const acc_t gey = g * ev * yv;
+            de[k] += g * yv * (pa - h * yv);
+            dy[k] += g * ev * (pa - h * yv) - gey * h;
+            sa = g * ev * yv;
+            g = g - gey * yv;
+          } else {
+            de[k] += g * (pa * yv) - g * h;
+            dy[k] += g * ev * pa;
+            sa = g * ev * yv;
+            g = g * (acc_t(1) - ev);
+          }
+        }
+        Gout[(b0 + k) * plane + wo] = static_cast<trace_t>(g);
+      }
+      if (DRIVE) sums[k] = sb;
+      if (UPDATE) sums[(DRIVE ? kTile : 0) + k] = sa;
+    }
+    const acc_t total = warp_sum_many<NV>(sums);
+    if (writes) {
+      const int k = DRIVE && mine >= kTile ? mine - kTile : mine;
+      const bool is_drive = DRIVE && mine < kTile;
+      if (k < nb) {
+        const int64_t slot = ((b0 + k) * n_warps_j + jw) * n_in + i;
+        if (is_drive) {
+          dp_b[slot] = dp_b_add ? dp_b[slot] + total : total;
+        } else {
+          dp_a[slot] = total;
+        }
+      }
+    }
+    if (DRIVE && valid) dalpha_part[tile * plane + wo] += da;
+  }
+  if (UPDATE && valid) {
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) {
+      if (k >= nb) continue;
+      const int64_t c = (z * B + b0 + k) * n_out + j;
+      de_part[c] = de[k];
+      dy_part[c] = dy[k];
+    }
+  }
+}
+
+// The end of a step, one block per row b:
+//   dp_out (when not null): dL/dp[b, i] = sum over the warp slots of dp_slots[b, :, i], in order
+//     (the linear form's dL/dx_t, or dL/dy0 at the end of the recurrent form);
+//   with act_step, step m's activation: the total dL/dy_m = grad_y_m + (carry: the recurrent form's
+//     dL/dp_{m+1}, summed from dp_slots[b, :, j]) + (has_update: the update's part, the S splits of
+//     dy_part in order); dL/de_m from de_part; ga_m = act'(dL/dy_m), which is dL/d(drive_m).
+// Softmax keeps the total dL/dy_m in dy_part[0, b, :] (in acc_t) until sum_k g_k y_k is known; each
+// thread rewrites only the entries it has read.
+template <typename scalar_t>
+__global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ dp_slots, int64_t n_warps_j,
+                                         int64_t n_in, scalar_t* __restrict__ dp_out, bool carry, bool act_step,
+                                         acc_type<scalar_t>* __restrict__ dy_part,
+                                         const acc_type<scalar_t>* __restrict__ de_part, int64_t n_split,
+                                         bool has_update, const scalar_t* __restrict__ grad_y_m,
+                                         const scalar_t* __restrict__ y_m, scalar_t* __restrict__ ga_m,
+                                         scalar_t* __restrict__ ge_m, int64_t B, int64_t n_out, int act) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t shm[32];
+  const int64_t b = blockIdx.x;
+  const acc_t* slots = dp_slots + b * n_warps_j * n_in;
+  if (dp_out != nullptr) {
+    for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < n_warps_j; ++k) s += slots[k * n_in + i];
+      dp_out[b * n_in + i] = static_cast<scalar_t>(s);
+    }
+  }
+  if (!act_step) return;  // uniform over the block
+  const bool softmax = static_cast<Act>(act) == Act::Softmax;
+  acc_t dot = 0;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const int64_t r = b * n_out + j;
+    acc_t g = static_cast<acc_t>(grad_y_m[r]);
+    if (carry) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < n_warps_j; ++k) s += slots[k * n_in + j];
+      g += s;
+    }
+    acc_t se = 0;
+    if (has_update) {
+      for (int64_t z = 0; z < n_split; ++z) {
+        g += dy_part[z * B * n_out + r];
+        se += de_part[z * B * n_out + r];
+      }
+    }
+    ge_m[r] = static_cast<scalar_t>(se);
+    const acc_t yv = static_cast<acc_t>(y_m[r]);
+    if (softmax) {
+      dy_part[r] = g;
+      dot += g * yv;
+    } else {
+      ga_m[r] = static_cast<scalar_t>(act_backward_elementwise(g, yv, act));
+    }
+  }
+  if (!softmax) return;  // uniform over the block
+  dot = block_all_reduce<false>(dot, shm);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const int64_t r = b * n_out + j;
+    ga_m[r] = static_cast<scalar_t>(static_cast<acc_t>(y_m[r]) * (dy_part[r] - dot));
+  }
+}
+
+// dL/dalpha[i, j] = sum over the episode tiles of dalpha_part[tile, i, j], in tile order.
+template <typename scalar_t>
+__global__ void fused_dalpha_reduce_kernel(const acc_type<scalar_t>* __restrict__ dalpha_part, int64_t n_tiles,
+                                           int64_t numel, scalar_t* __restrict__ out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= numel) return;
+  acc_type<scalar_t> s = 0;
+  for (int64_t k = 0; k < n_tiles; ++k) s += dalpha_part[k * numel + r];
+  out[r] = static_cast<scalar_t>(s);
+}
+
+}  // namespace fused
+}  // namespace plastic_ops

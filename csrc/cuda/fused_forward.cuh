@@ -1,0 +1,141 @@
+// The fused path's forward kernels: one sweep over the trace per step, the activation of a step,
+// and the update alone over several steps (H_T, and the backward's recomputed segments).
+// Thread mapping and traffic: docs/cuda.md ("The fused kernels"). Device code only.
+#pragma once
+
+#include "fused_common.cuh"
+
+namespace plastic_ops {
+namespace fused {
+
+// The sweep of step t. Thread (j, tile of kTile episodes from b0, split z) walks i in
+// [z * chunk, z * chunk + chunk): it reads H_{t-1}[b,i,j] from src, applies the update of step t-1
+// (UPDATE; at t = 0 src is H_0 and nothing is applied), writes H_t to dst (the slot where it is kept;
+// at t = 0 the copy of H_0 into checkpoint 0, or nothing when dst is null), and adds
+// p_t[b,i] * w[i,j] + p_t[b,i] * (alpha[i,j] * H_t[b,i,j]) to its sum of a_t. w and alpha are read
+// once per i for the whole tile; the next row's trace values are loaded before this row's are
+// stored. The partial sums go to part[z, b, j]; the activation adds the splits in a fixed order.
+// src and dst may be the same buffer (each element is read, then written, by one thread).
+template <typename scalar_t, typename trace_t, bool OJA, bool UPDATE>
+__global__ void __launch_bounds__(kThreads)
+    fused_forward_sweep_kernel(const trace_t* src, trace_t* dst, const scalar_t* __restrict__ p_prev,
+                               const scalar_t* __restrict__ y_prev, const scalar_t* __restrict__ e_prev,
+                               const scalar_t* __restrict__ p_cur, const scalar_t* __restrict__ w,
+                               const scalar_t* __restrict__ alpha, acc_type<scalar_t>* __restrict__ part, int64_t B,
+                               int64_t n_in, int64_t n_out, int64_t chunk, bool has_clip, acc_type<scalar_t> clip) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n_out) return;  // no cooperation between threads below
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int nb = static_cast<int>(B - b0 < kTile ? B - b0 : kTile);
+  const int64_t i0 = static_cast<int64_t>(blockIdx.z) * chunk;
+  const int64_t i1 = i0 + chunk < n_in ? i0 + chunk : n_in;
+  const int64_t plane = n_in * n_out;
+  acc_t yv[kTile], ev[kTile], acc[kTile];
+  trace_t next[kTile];
+#pragma unroll
+  for (int k = 0; k < kTile; ++k) {
+    acc[k] = acc_t(0);
+    yv[k] = ev[k] = acc_t(0);
+    next[k] = trace_t(0);
+    if (k < nb) {
+      if (UPDATE) {
+        yv[k] = static_cast<acc_t>(y_prev[(b0 + k) * n_out + j]);
+        ev[k] = static_cast<acc_t>(e_prev[(b0 + k) * n_out + j]);
+      }
+      if (i0 < i1) next[k] = src[(b0 + k) * plane + i0 * n_out + j];
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    trace_t cur[kTile];
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) {
+      cur[k] = next[k];
+      if (k < nb && i + 1 < i1) next[k] = src[(b0 + k) * plane + (i + 1) * n_out + j];
+    }
+    const acc_t wv = static_cast<acc_t>(w[i * n_out + j]);
+    const acc_t av = static_cast<acc_t>(alpha[i * n_out + j]);
+#pragma unroll
+    for (int k = 0; k < kTile; ++k) {
+      if (k >= nb) continue;
+      const int64_t r = (b0 + k) * n_in + i;  // row (b, i) of p and of the trace
+      acc_t h = static_cast<acc_t>(cur[k]);
+      if (UPDATE) h = stored_trace<trace_t>(updated_trace<OJA>(h, static_cast<acc_t>(p_prev[r]), yv[k], ev[k]),
+                                            has_clip, clip);
+      if (dst != nullptr) dst[r * n_out + j] = static_cast<trace_t>(h);
+      const acc_t pc = static_cast<acc_t>(p_cur[r]);
+      // p*w and p*(alpha*h) as two terms, as in the reference (docs/op_spec.md, "NaN and inf")
+      acc[k] += pc * wv + pc * (av * h);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kTile; ++k)
+    if (k < nb) part[(static_cast<int64_t>(blockIdx.z) * B + b0 + k) * n_out + j] = acc[k];
+}
+
+// y_t[b, :] = act(drive_t[b, :] + sum_z part[z, b, :]), the splits added in the order z = 0 .. S-1.
+// One block per row b. Softmax keeps a_t in part[0, b, :] (in acc_t) until the row's max and sum are
+// known; each thread rewrites only the entries it has read.
+template <typename scalar_t>
+__global__ void fused_activation_forward_kernel(acc_type<scalar_t>* __restrict__ part, int64_t n_split,
+                                                const scalar_t* __restrict__ drive_t, scalar_t* __restrict__ y_t,
+                                                int64_t B, int64_t n_out, int act) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ acc_t shm[32];
+  const int64_t b = blockIdx.x;
+  const bool softmax = static_cast<Act>(act) == Act::Softmax;
+  acc_t mx = static_cast<acc_t>(-INFINITY);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const int64_t r = b * n_out + j;
+    acc_t a = static_cast<acc_t>(drive_t[r]);
+    for (int64_t z = 0; z < n_split; ++z) a += part[z * B * n_out + r];
+    if (softmax) {
+      part[r] = a;
+      mx = a > mx ? a : mx;
+    } else {
+      y_t[r] = static_cast<scalar_t>(act_elementwise(a, act));
+    }
+  }
+  if (!softmax) return;  // uniform over the block
+  mx = block_all_reduce<true>(mx, shm);
+  acc_t sum = 0;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+    const acc_t ex = dev_exp(part[b * n_out + j] - mx);
+    part[b * n_out + j] = ex;
+    sum += ex;
+  }
+  sum = block_all_reduce<false>(sum, shm);
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x)
+    y_t[b * n_out + j] = static_cast<scalar_t>(part[b * n_out + j] / sum);
+}
+
+// The update alone over `steps` steps from step t0: thread j of trace row r = b * N_in + i reads
+// H_{t0}[r, j] from src once, then writes H_{t0+1+l}[r, j] to dst + l * dst_stride for l = 0 ..
+// steps-1, keeping the trace in a register between steps. Used for H_T after the forward's last
+// step (steps = 1, dst may be src) and for the backward's recomputed segments. A grid-stride loop
+// over rows.
+template <typename scalar_t, typename trace_t, bool OJA>
+__global__ void fused_update_steps_kernel(const trace_t* src, trace_t* dst, int64_t dst_stride, int64_t t0,
+                                          int64_t steps, PreRows<scalar_t> P, const scalar_t* __restrict__ y,
+                                          const scalar_t* __restrict__ e, bool has_clip, acc_type<scalar_t> clip) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n_in = P.n_in, n_out = P.n_out, bo = P.B * n_out;
+  if (j >= n_out) return;
+  const int64_t rows = P.B * n_in;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t b = r / n_in;
+    acc_t h = static_cast<acc_t>(src[r * n_out + j]);
+    for (int64_t l = 0; l < steps; ++l) {
+      const int64_t t = t0 + l;
+      const int64_t c = t * bo + b * n_out + j;
+      h = stored_trace<trace_t>(updated_trace<OJA>(h, static_cast<acc_t>(P.at(t)[r]), static_cast<acc_t>(y[c]),
+                                                   static_cast<acc_t>(e[c])),
+                                has_clip, clip);
+      dst[l * dst_stride + r * n_out + j] = static_cast<trace_t>(h);
+    }
+  }
+}
+
+}  // namespace fused
+}  // namespace plastic_ops
