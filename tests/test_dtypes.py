@@ -209,6 +209,23 @@ def test_backward_inside_autocast_equals_backward_outside(device, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_compile_traces_the_autocast_cast():
+    w = (0.3 * torch.randn(4, 4)).requires_grad_()
+    alpha, x = 0.3 * torch.randn(4, 4), torch.randn(3, 2, 4)
+
+    def fn(x, w, alpha):
+        with torch.autocast("cpu", dtype=BF16):
+            return plastic_ops.plastic_linear(x, w, alpha, 0.1)
+
+    y, h = torch.compile(fn, fullgraph=True)(x, w, alpha)
+    y_eager, h_eager = fn(x, w, alpha)
+    assert y.dtype == BF16 and h.dtype == F32
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    torch.testing.assert_close(h, h_eager, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert w.grad.dtype == F32
+
+
 def test_float64_is_not_cast_by_autocast():
     args, mod = make_inputs("linear", 3, 2, 4, 3, dtype=F64, seed=2)
     y0, _ = run(plastic_ops.plastic_linear, args, mod)
