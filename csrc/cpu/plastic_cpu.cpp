@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -99,12 +101,51 @@ PLASTIC_OPS_INLINE scalar_t clamp(scalar_t h, scalar_t c) {
   return h < -c ? -c : (h > c ? c : h);
 }
 
+// Reading and writing a stored trace value. bfloat16 is converted with plain integer operations
+// (c10::BFloat16's own conversion branches on NaN, which keeps the row loops from vectorizing):
+// round to nearest even, NaN to the canonical NaN, as torch's .to(torch.bfloat16).
+PLASTIC_OPS_INLINE uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+PLASTIC_OPS_INLINE float bits_float(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+PLASTIC_OPS_INLINE uint32_t bf16_rounded_bits(float v) {
+  const uint32_t u = float_bits(v);
+  return v != v ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+template <typename acc_t, typename T>
+PLASTIC_OPS_INLINE acc_t load(T v) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return bits_float(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+// v, already rounded to T (round_to), as stored.
+template <typename T, typename acc_t>
+PLASTIC_OPS_INLINE T store(acc_t v) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return c10::BFloat16(static_cast<uint16_t>(float_bits(v) >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 // v rounded to the storage type T and read back: what is stored of a 16-bit trace or output
 // (docs/op_spec.md, "Dtypes"). A no-op when T is the accumulation type itself.
 template <typename T, typename acc_t>
 PLASTIC_OPS_INLINE acc_t round_to(acc_t v) {
   if constexpr (std::is_same<T, acc_t>::value) {
     return v;
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return bits_float(bf16_rounded_bits(v));
   } else {
     return static_cast<acc_t>(static_cast<T>(v));
   }
@@ -210,11 +251,11 @@ PLASTIC_OPS_INLINE void forward_row(const trace_t* hs, trace_t* hd, scalar_t pp,
                                     scalar_t* accr, int64_t n, scalar_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    scalar_t h = static_cast<scalar_t>(hs[j]);
+    scalar_t h = load<scalar_t>(hs[j]);
     if constexpr (UPDATE) {
       // the stored (rounded) H_t is the one used below and recomputed by the backward
       h = round_to<trace_t>(clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c));
-      hd[j] = static_cast<trace_t>(h);
+      hd[j] = store<trace_t>(h);
     }
     // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
     // w and alpha*h separately, so inf/NaN come out where the reference has them
@@ -386,7 +427,7 @@ PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<
   scalar_t sb = 0, sa = 0;
 #pragma omp simd reduction(+ : sa, sb)
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t h = static_cast<scalar_t>(hr[j]);
+    const scalar_t h = load<scalar_t>(hr[j]);
     scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
     const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
     const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
