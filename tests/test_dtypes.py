@@ -93,6 +93,20 @@ def test_bfloat16_trace_is_rounded_and_close_to_float32():
     torch.testing.assert_close(h16.float(), h32, rtol=8 * eps(BF16), atol=8 * eps(BF16) * h32.abs().max().item())
 
 
+def test_bfloat16_trace_loses_a_decay_below_its_precision():
+    # the limit documented in docs/op_spec.md: (1 - e) H rounds back to H in bfloat16 when e is
+    # below about 2^-9, so such a trace never decays; at e = 0.01 it decays as in float32
+    x = torch.zeros(20, 1, 4)
+    w, alpha, h0 = torch.zeros(4, 4), torch.zeros(4, 4), torch.full((1, 4, 4), 0.75)
+    for eta, decays in ((0.001, False), (0.01, True)):
+        _, h32 = plastic_ops.plastic_linear(x, w, alpha, eta, h0)
+        _, h16 = plastic_ops.plastic_linear(x, w, alpha, eta, h0.to(BF16))
+        assert h32.max() < 0.75
+        assert (h16.float().max() < 0.75) == decays
+        if decays:
+            torch.testing.assert_close(h16.float(), h32, rtol=8 * eps(BF16), atol=0)
+
+
 def test_16bit_inputs_are_computed_in_float32():
     # bfloat16 inputs give the float32 result on the same values, rounded once (not a bfloat16 computation)
     args, mod = make_inputs("linear", 5, 2, 6, 4, dtype=BF16, trace=False, seed=5)
