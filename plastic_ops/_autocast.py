@@ -22,8 +22,10 @@ def region_dtype(x) -> Optional[torch.dtype]:
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: one API for every device type
         try:
             return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        except (TypeError, RuntimeError):  # a device type autocast does not know
+        except RuntimeError:  # a device type autocast does not know
             return None
+        except TypeError:  # no device_type argument: the per-device functions below
+            pass
     if device_type == "cpu":
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
     if device_type == "cuda":
