@@ -4,8 +4,8 @@
 
 Variants (docs/op_spec.md, "Dtypes"): float32 inputs and trace; bfloat16 inputs (and parameters) with
 the default float32 trace; float32 inputs with trace_dtype=torch.bfloat16; bfloat16 inputs with a
-bfloat16 trace. Each measurement runs in a fresh child process and the variants alternate round by
-round, so that they share the machine's load. Time: one warm-up call, then --calls timed calls per
+bfloat16 trace. Each measurement runs in a fresh child process and the variants alternate, each
+round starting with the next one, so that they share the machine's load. Time: one warm-up call, then --calls timed calls per
 child; the figure is the median over all rounds. Peak memory: one call in a child of its own; on the
 CPU the process's peak resident set (VmHWM, reset just before the call) minus its resident set before
 the call, on CUDA torch.cuda.max_memory_allocated minus the memory allocated before the call.
@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     common = dict(device=a.device, batch=a.batch, n=a.n, steps=a.steps, calls=a.calls, threads=a.threads)
     rows = {name: {"times": []} for name in a.variants}
     for r in range(a.rounds):
-        for name in a.variants:
+        k = r % len(a.variants)  # each round starts with another variant: a drift of the load hits all alike
+        for name in a.variants[k:] + a.variants[:k]:
             got = _run_child(dict(variant=name, task="time", **common))
             rows[name]["times"] += got["times"]
             rows[name]["grad_w_norm"] = got["grad_w_norm"]
