@@ -3,12 +3,14 @@
 // these guard direct calls of torch.ops.plastic_ops.*). Math: docs/op_spec.md.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace plastic_ops {
 
@@ -38,6 +40,34 @@ struct Dims {
 // ceil(T / K) written so that no K up to INT64_MAX can overflow (T >= 1, K >= 0).
 inline int64_t num_checkpoints(int64_t T, int64_t K) { return K == 0 ? 0 : (T - 1) / K + 1; }
 
+// Dtypes (docs/op_spec.md, "Dtypes"): every tensor but the trace has the inputs' dtype (float64,
+// float32, bfloat16 or float16); the trace, its checkpoints and dL/dH are stored in float32 or
+// bfloat16 for float32 and 16-bit inputs, in float64 for float64 inputs.
+inline void check_dtypes(at::ScalarType inputs, at::ScalarType trace) {
+  TORCH_CHECK(inputs == at::kDouble || inputs == at::kFloat || inputs == at::kBFloat16 || inputs == at::kHalf,
+              "plastic_ops: the inputs must be float64, float32, bfloat16 or float16, got ", inputs);
+  const bool ok = inputs == at::kDouble ? trace == at::kDouble : (trace == at::kFloat || trace == at::kBFloat16);
+  TORCH_CHECK(ok, "plastic_ops: a trace of dtype ", trace, " is not supported for ", inputs,
+              " inputs (float64 inputs: float64; others: float32 or bfloat16)");
+}
+
+// Calls f(trace_t{}) with the trace's storage type: bfloat16, or else the accumulation type of scalar_t.
+template <typename scalar_t, typename F>
+void dispatch_trace(at::ScalarType trace, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<acc_t, double>::value) {
+    f(acc_t{});
+  } else {
+    if (trace == at::kBFloat16) f(c10::BFloat16{}); else f(acc_t{});
+  }
+}
+
+// A backward run inside an autocast region (loss.backward() under torch.autocast) must not have
+// its at::mm cast to 16 bits: the op computes in the accumulation type whatever its inputs' dtype.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // pre: x (T,B,N_in) for the linear form, y0 (B,N) for the recurrent form.
 inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                             const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0,
@@ -62,9 +92,11 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == d.B && h0.size(1) == d.n_in && h0.size(2) == d.n_out,
               "plastic_ops: h0 must be (B, N_in, N_out)");
   TORCH_CHECK(!clip.has_value() || *clip > 0, "plastic_ops: clip must be positive");
+  check_dtypes(drive.scalar_type(), h0.scalar_type());
   for (const at::Tensor* t : {&pre, &drive, &w, &alpha, &e, &h0}) {
     TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
-    TORCH_CHECK(t->scalar_type() == drive.scalar_type(), "plastic_ops: all tensors must share a dtype");
+    TORCH_CHECK(t == &h0 || t->scalar_type() == drive.scalar_type(),
+                "plastic_ops: all tensors but the trace must share a dtype");
     TORCH_CHECK(t->device() == drive.device(), "plastic_ops: all tensors must share a device");
     // The ops have no forward-mode formula: a tangent would be dropped without a word.
     TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(),
@@ -85,16 +117,18 @@ inline Dims check_backward(const at::Tensor& grad_y, const at::Tensor& grad_hT, 
                            const at::Tensor& ckpts, c10::optional<double> clip, int64_t K, bool recurrent) {
   // checkpoint 0 has the trace's shape, dtype and device: it stands in for the zero marker's checks
   const bool stand_in = is_zero_grad_marker(grad_hT) && ckpts.dim() == 4 && ckpts.size(0) > 0;
-  const Dims d = check_canonical(pre, grad_y, w, alpha, e, stand_in ? ckpts.select(0, 0) : grad_hT, clip, K,
-                                 recurrent);
+  const at::Tensor& trace = stand_in ? ckpts.select(0, 0) : grad_hT;
+  const Dims d = check_canonical(pre, grad_y, w, alpha, e, trace, clip, K, recurrent);
   TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
   TORCH_CHECK(y.sizes() == grad_y.sizes(), "plastic_ops: y must be (T, B, N_out)");
   TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&
                   ckpts.size(3) == d.n_out,
               "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
+  TORCH_CHECK(y.scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors but the trace must share a dtype");
+  TORCH_CHECK(ckpts.scalar_type() == trace.scalar_type(),
+              "plastic_ops: the checkpoints and grad_hT must have the trace's dtype");
   for (const at::Tensor* t : {&y, &ckpts}) {
     TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
-    TORCH_CHECK(t->scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors must share a dtype");
     TORCH_CHECK(t->device() == grad_y.device(), "plastic_ops: all tensors must share a device");
   }
   return d;

@@ -162,8 +162,10 @@ def lstm_hidden_for(pattern_size: int, budget: int) -> int:
 def build_model(args) -> nn.Module:
     if args.model == "lstm":
         return LSTMPatternNet(args.pattern_size, args.lstm_hidden)
-    return PlasticPatternNet(args.pattern_size, plastic=args.model == "plastic", impl=args.impl,
-                             input_scale=args.input_scale)
+    model = PlasticPatternNet(args.pattern_size, plastic=args.model == "plastic", impl=args.impl,
+                              input_scale=args.input_scale)
+    model.rnn.trace_dtype = getattr(torch, getattr(args, "trace_dtype", "float32"))  # docs/op_spec.md, "Dtypes"
+    return model
 
 
 def num_trainable(model: nn.Module) -> int:
@@ -384,6 +386,8 @@ def parse_args(argv=None):
                    help="what the erased bits of the cue become: 0, or -1")
     g.add_argument("--corrupt-fraction", type=float, default=0.5, help="fraction of the cue's bits erased")
     g.add_argument("--input-scale", type=float, default=20.0, help="inputs are multiplied by this (Miconi: 20)")
+    p.add_argument("--trace-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="storage dtype of the plastic trace (bfloat16: half the trace's memory traffic)")
     t = p.add_argument_group("training")
     t.add_argument("--episodes", type=int, default=1000, help="training episodes (rounded up to whole batches)")
     t.add_argument("--batch-size", type=int, default=1,

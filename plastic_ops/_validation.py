@@ -15,7 +15,15 @@ import torch
 
 RULES = ("hebb", "oja")
 ACTIVATIONS = ("tanh", "sigmoid", "relu", "identity", "softmax")
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: The trace's storage dtypes allowed for each input dtype; the first is the default
+#: (docs/op_spec.md, "Dtypes"). A 16-bit trace is bfloat16: float16's range is too narrow.
+TRACE_DTYPES = {
+    torch.float64: (torch.float64,),
+    torch.float32: (torch.float32, torch.bfloat16),
+    torch.bfloat16: (torch.float32, torch.bfloat16),
+    torch.float16: (torch.float32, torch.bfloat16),
+}
 
 
 @dataclass
@@ -97,8 +105,31 @@ def check_checkpoint_every(checkpoint_every):
     return checkpoint_every if isinstance(checkpoint_every, torch.SymInt) else int(checkpoint_every)
 
 
+def check_trace_dtype(trace_dtype, x_dtype: torch.dtype, x_name: str = "x", trace=None) -> torch.dtype:
+    """The trace's storage dtype for inputs of x_dtype (docs/op_spec.md, "Dtypes").
+
+    trace_dtype when given; else the dtype of the trace passed in, if any; else the default.
+    """
+    allowed = TRACE_DTYPES[x_dtype]
+    names = " or ".join(str(d) for d in allowed)
+    if trace_dtype is not None:
+        if not isinstance(trace_dtype, torch.dtype):
+            raise TypeError(f"trace_dtype must be None or a torch.dtype, got {trace_dtype!r}")
+        if trace_dtype not in allowed:
+            raise TypeError(f"trace_dtype {trace_dtype} is not supported for {x_dtype} {x_name}: use {names}")
+        if trace is not None and trace.dtype != trace_dtype:
+            raise TypeError(f"trace has dtype {trace.dtype} but trace_dtype is {trace_dtype}: they must agree")
+        return trace_dtype
+    if trace is not None:
+        if trace.dtype not in allowed:
+            raise TypeError(f"trace has dtype {trace.dtype}, which is not supported for {x_dtype} {x_name}: "
+                            f"the trace must be {names}")
+        return trace.dtype
+    return allowed[0]
+
+
 def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every,
-                  x_name: str, y0=None):
+                  x_name: str, y0=None, trace_dtype=None):
     x = _tensor(x_name, x)
     if x.dim() != 3:
         raise ValueError(f"{x_name} must be 3-D (T, B, N_in), got {x.dim()}-D shape {tuple(x.shape)}")
@@ -108,7 +139,7 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
     if B == 0:
         raise ValueError(f"{x_name} has batch size B = 0")
     if x.dtype not in DTYPES:
-        raise TypeError(f"{x_name} must be float32 or float64, got {x.dtype}")
+        raise TypeError(f"{x_name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
 
     w = _tensor("w", w)
     if w.dim() != 2:
@@ -130,9 +161,11 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
     if eta.dim() != 0:
         raise ValueError(f"eta must be a 0-dim (scalar) tensor, got shape {tuple(eta.shape)}")
 
+    if trace is not None:
+        trace = _tensor("trace", trace)
+    trace_dtype = check_trace_dtype(trace_dtype, x.dtype, x_name, trace)
     if trace is None:
-        trace = x.new_zeros(B, n_in, n_out)
-    trace = _tensor("trace", trace)
+        trace = x.new_zeros(B, n_in, n_out, dtype=trace_dtype)
     if trace.dim() != 3:
         raise ValueError(f"trace must be 3-D (B, N_in, N_out), got shape {tuple(trace.shape)}")
     if trace.shape[0] != B:
@@ -163,23 +196,26 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
             continue
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}: all tensors must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}: all tensors must share a dtype")
+        # the trace keeps its own storage dtype, checked above
+        if name != "trace" and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}: all tensors but the trace must "
+                            "share a dtype")
     return x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every
 
 
 def check_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                 modulation=None, checkpoint_every=None) -> PlasticArgs:
+                 modulation=None, checkpoint_every=None, trace_dtype=None) -> PlasticArgs:
     x = _tensor("x", x)
     w = _tensor("w", w)
     if x.dim() == 3 and w.dim() == 2 and x.shape[2] != w.shape[0]:
         raise ValueError(f"x has N_in = {x.shape[2]} features but w has {w.shape[0]} rows (w is (N_in, N_out))")
-    out = _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every, "x")
+    out = _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every, "x",
+                        trace_dtype=trace_dtype)
     return PlasticArgs(*out[:7], None, *out[7:])
 
 
 def check_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-              modulation=None, checkpoint_every=None) -> PlasticArgs:
+              modulation=None, checkpoint_every=None, trace_dtype=None) -> PlasticArgs:
     u = _tensor("u", u)
     w = _tensor("w", w)
     if w.dim() == 2 and w.shape[0] != w.shape[1]:
@@ -191,7 +227,7 @@ def check_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", 
         if u.dim() == 3:
             _shape("y0", y0, (u.shape[1], u.shape[2]), "(B, N)")
     out = _check_common(u, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every, "u",
-                        y0=y0)
+                        y0=y0, trace_dtype=trace_dtype)
     x = out[0]
     if y0 is None:
         y0 = x.new_zeros(x.shape[1], x.shape[2])

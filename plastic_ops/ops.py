@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad
 
-from . import _extension, reference
+from . import _autocast, _extension, reference
 from ._validation import PlasticArgs, check_linear, check_rnn
 
 _OPS_LOADED = _extension.load()
@@ -83,7 +83,8 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
     if p.checkpoint_every is not None:
         K = min(p.checkpoint_every, p.T)
     else:
-        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.x.element_size(), device_type=p.x.device.type)
+        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.trace.element_size(),
+                                    device_type=p.x.device.type)
     return alpha, e, drive, (K if needs_grad else 0)
 
 
@@ -117,7 +118,7 @@ def _op(name: str):
 
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                   modulation=None, checkpoint_every=None):
+                   modulation=None, checkpoint_every=None, trace_dtype=None):
     """Run T plastic steps of a feedforward layer for B independent episodes.
 
     a_t = x_t @ (w + alpha * H_t) + bias,  y_t = act(a_t),  H_{t+1} = rule(H_t, x_t, y_t, eta * modulation_t).
@@ -138,12 +139,27 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
             elements) take at most keep_all_traces_bytes(device) bytes (CUDA: 2 GiB; CPU: 0, i.e. always
             checkpoint; PLASTIC_OPS_KEEP_TRACES_BYTES overrides both), else K = round(sqrt(T)). Only used
             when a gradient is needed.
+        trace_dtype: the dtype the trace (and its checkpoints) is stored in. None: the dtype of `trace`
+            when one is given, else float32 (float64 for float64 inputs). torch.bfloat16 halves the
+            trace's memory traffic for float32 and 16-bit inputs, at the cost of rounding H after each
+            step (docs/op_spec.md, "Dtypes": when it is safe).
+
+    Dtypes: x, w, alpha, eta, bias, modulation share one dtype, float64, float32, bfloat16 or float16;
+    16-bit inputs are computed in float32 and y is returned in their dtype. Under torch.autocast the
+    inputs are cast to the autocast dtype, as for a matmul; the trace keeps its dtype.
 
     Returns:
-        (y, trace_T): y is (T, B, N_out); trace_T is (B, N_in, N_out), to continue the episode later.
+        (y, trace_T): y is (T, B, N_out) in the inputs' dtype; trace_T is (B, N_in, N_out) in the trace's
+        dtype, to continue the episode later.
     """
+    dtype = _autocast.region_dtype(x)
+    if dtype is not None:
+        x, w, alpha, eta, bias, modulation = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation)
+        with _autocast.disabled(x):
+            return plastic_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
+                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                     modulation=modulation, checkpoint_every=checkpoint_every)
+                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation):
         return reference._scan(p, recurrent=False)
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation)
@@ -154,7 +170,7 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
 
 
 def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                modulation=None, checkpoint_every=None):
+                modulation=None, checkpoint_every=None, trace_dtype=None):
     """Run T steps of a plastic recurrent layer of N units for B independent episodes.
 
     a_t = y_{t-1} @ (w + alpha * H_t) + u_t + bias,  y_t = act(a_t),
@@ -162,10 +178,17 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
 
     Args are those of :func:`plastic_linear` with u: (T, B, N) the external drive, w: (N, N)
     and y0: (B, N) the output before the first step. Returns (y, trace_T); pass y[-1] as y0
-    and trace_T as trace to continue an episode.
+    and trace_T as trace to continue an episode. Dtypes and autocast: as for :func:`plastic_linear`
+    (y0 has the inputs' dtype).
     """
+    dtype = _autocast.region_dtype(u)
+    if dtype is not None:
+        u, w, alpha, eta, y0, bias, modulation = _autocast.cast(dtype, u, w, alpha, eta, y0, bias, modulation)
+        with _autocast.disabled(u):
+            return plastic_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
+                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                  modulation=modulation, checkpoint_every=checkpoint_every)
+                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0):
         return reference._scan(p, recurrent=True)
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
@@ -206,9 +229,10 @@ def _register():
                 h0.new_empty((C,) + tuple(h0.shape)))
 
     def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K):
-        # grad_hT may be the empty stand-in for zeros: the trace's shape comes from y and w
+        # grad_hT may be the empty stand-in for zeros: the trace's shape comes from y and w, its dtype
+        # from the checkpoints
         return (pre.new_empty(pre.shape), y.new_empty(y.shape), w.new_empty(w.shape),
-                alpha.new_empty(alpha.shape), e.new_empty(e.shape), y.new_empty((y.shape[1],) + tuple(w.shape)))
+                alpha.new_empty(alpha.shape), e.new_empty(e.shape), ckpts.new_empty((y.shape[1],) + tuple(w.shape)))
 
     for form in ("plastic_linear", "plastic_rnn"):
         torch.library.register_fake(f"plastic_ops::{form}_forward")(fake_forward)

@@ -3,12 +3,50 @@
 Readable on purpose: one Python step per time step, autograd does the backward
 (and therefore keeps every trace in memory). The fused op in ``plastic_ops.ops``
 must match it in outputs, final trace and every gradient.
+
+Dtypes (docs/op_spec.md, "Dtypes"): 16-bit inputs are computed in float32, and values are rounded
+to their storage dtype exactly where the kernels store them: y_t to the inputs' dtype as soon as it
+is computed, H_t to the trace's dtype after each update. The rounding passes gradients through
+unchanged, as the kernels do (they accumulate every gradient in float32).
 """
 from __future__ import annotations
 
 import torch
 
+from . import _autocast
 from ._validation import PlasticArgs, check_linear, check_rnn
+
+
+class _Round(torch.autograd.Function):
+    """t rounded to `dtype` and read back in t's dtype; the gradient passes unchanged (straight through)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t, dtype):
+        return t.to(dtype).to(t.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return tangent
+
+
+def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as stored in `dtype` (a no-op when t already has it); see _Round."""
+    return t if dtype == t.dtype else _Round.apply(t, dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of inputs of `dtype`: float32 for the 16-bit types, else dtype itself."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def activate(a: torch.Tensor, activation: str) -> torch.Tensor:
@@ -56,9 +94,15 @@ def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurren
 
     pre: x (T, B, N_in) for the linear form, y0 (B, N) for the recurrent one; drive: d_t as
     (T, B, N_out) (an expanded view is fine) or None for no drive; alpha broadcastable to
-    (N_in, N_out); e: the rates (T, B, N_out); h0: H_0. Returns (y, H_T).
+    (N_in, N_out); e: the rates (T, B, N_out); h0: H_0, in the trace's storage dtype. Returns
+    (y, H_T) in the inputs' dtype and the trace's.
     """
-    H = h0
+    dtype, trace_dtype = e.dtype, h0.dtype
+    acc = compute_dtype(dtype)
+    if acc != dtype:
+        pre, w, alpha, e = pre.to(acc), w.to(acc), alpha.to(acc), e.to(acc)
+        drive = None if drive is None else drive.to(acc)
+    H = h0.to(acc)
     prev = pre if recurrent else None
     ys = []
     for t in range(e.shape[0]):
@@ -67,11 +111,11 @@ def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurren
         a = p_t @ w + torch.einsum("bi,bij->bj", p_t, alpha * H)
         if drive is not None:
             a = a + drive[t]
-        y = activate(a, activation)
-        H = update_trace(H, p_t, y, e[t], rule, clip)
+        y = round_to(activate(a, activation), dtype)
+        H = round_to(update_trace(H, p_t, y, e[t], rule, clip), trace_dtype)
         ys.append(y)
         prev = y
-    return torch.stack(ys), H
+    return torch.stack(ys).to(dtype), H.to(trace_dtype)
 
 
 def _scan(p: PlasticArgs, recurrent: bool):
@@ -84,16 +128,28 @@ def _scan(p: PlasticArgs, recurrent: bool):
 
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                   modulation=None, checkpoint_every=None):
+                   modulation=None, checkpoint_every=None, trace_dtype=None):
     """Reference of :func:`plastic_ops.plastic_linear`; same arguments, same results."""
+    dtype = _autocast.region_dtype(x)
+    if dtype is not None:  # the op's autocast policy, then every step in the cast dtypes
+        x, w, alpha, eta, bias, modulation = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation)
+        with _autocast.disabled(x):
+            return plastic_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
+                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                     modulation=modulation, checkpoint_every=checkpoint_every)
+                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     return _scan(p, recurrent=False)
 
 
 def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                modulation=None, checkpoint_every=None):
+                modulation=None, checkpoint_every=None, trace_dtype=None):
     """Reference of :func:`plastic_ops.plastic_rnn`; same arguments, same results."""
+    dtype = _autocast.region_dtype(u)
+    if dtype is not None:
+        u, w, alpha, eta, y0, bias, modulation = _autocast.cast(dtype, u, w, alpha, eta, y0, bias, modulation)
+        with _autocast.disabled(u):
+            return plastic_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
+                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                  modulation=modulation, checkpoint_every=checkpoint_every)
+                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
     return _scan(p, recurrent=True)

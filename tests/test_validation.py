@@ -45,7 +45,8 @@ LINEAR_CASES = [
     (dict(), dict(modulation=torch.ones(T, B, 2)), ValueError, r"modulation must have shape"),
     (dict(), dict(modulation=torch.ones(T, 1, 1)), ValueError, r"modulation must have shape"),
     (dict(w=torch.randn(NI, NO, dtype=torch.float64)), {}, TypeError, r"w has dtype torch.float64"),
-    (dict(x=torch.randn(T, B, NI).half(), w=torch.randn(NI, NO).half()), {}, TypeError, r"x must be float32 or float64"),
+    (dict(x=torch.ones(T, B, NI, dtype=torch.int32), w=torch.ones(NI, NO, dtype=torch.int32)), {}, TypeError,
+     r"x must be float32, float64, bfloat16 or float16"),
     (dict(x=[[1.0]]), {}, TypeError, r"x must be a torch.Tensor"),
     (dict(w=torch.randn(NI, NO, device="meta")), {}, ValueError, r"w is on meta"),
 ]

@@ -2,11 +2,14 @@
 // checkpointed BPTT backward. The math, the sweep structure and the parallel
 // layout are described once in docs/op_spec.md; comments here say only why.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -96,6 +99,56 @@ PLASTIC_OPS_INLINE scalar_t updated(scalar_t h, scalar_t p, scalar_t y, scalar_t
 template <typename scalar_t>
 PLASTIC_OPS_INLINE scalar_t clamp(scalar_t h, scalar_t c) {
   return h < -c ? -c : (h > c ? c : h);
+}
+
+// Reading and writing a stored trace value. bfloat16 is converted with plain integer operations
+// (c10::BFloat16's own conversion branches on NaN, which keeps the row loops from vectorizing):
+// round to nearest even, NaN to the canonical NaN, as torch's .to(torch.bfloat16).
+PLASTIC_OPS_INLINE uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+PLASTIC_OPS_INLINE float bits_float(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+PLASTIC_OPS_INLINE uint32_t bf16_rounded_bits(float v) {
+  const uint32_t u = float_bits(v);
+  return v != v ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+template <typename acc_t, typename T>
+PLASTIC_OPS_INLINE acc_t load(T v) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return bits_float(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+// v, already rounded to T (round_to), as stored.
+template <typename T, typename acc_t>
+PLASTIC_OPS_INLINE T store(acc_t v) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return c10::BFloat16(static_cast<uint16_t>(float_bits(v) >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// v rounded to the storage type T and read back: what is stored of a 16-bit trace or output
+// (docs/op_spec.md, "Dtypes"). A no-op when T is the accumulation type itself.
+template <typename T, typename acc_t>
+PLASTIC_OPS_INLINE acc_t round_to(acc_t v) {
+  if constexpr (std::is_same<T, acc_t>::value) {
+    return v;
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    return bits_float(bf16_rounded_bits(v));
+  } else {
+    return static_cast<acc_t>(static_cast<T>(v));
+  }
 }
 
 // Views of the canonical tensors of one call, shared by forward and backward.
@@ -192,16 +245,17 @@ PLASTIC_OPS_INLINE scalar_t clamped(scalar_t hpre, scalar_t c) {
 }
 
 // One trace row of forward_sweep: hd = H_t from hs = H_{t-1} (UPDATE), acc += terms of a_t.
-template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
-PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr,
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
+PLASTIC_OPS_INLINE void forward_row(const trace_t* hs, trace_t* hd, scalar_t pp, const scalar_t* yr,
                                     const scalar_t* er, scalar_t pc, const scalar_t* wr, const scalar_t* ar,
                                     scalar_t* accr, int64_t n, scalar_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    scalar_t h = hs[j];
+    scalar_t h = load<scalar_t>(hs[j]);
     if constexpr (UPDATE) {
-      h = clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c);
-      hd[j] = h;
+      // the stored (rounded) H_t is the one used below and recomputed by the backward
+      h = round_to<trace_t>(clamped<CLIP>(updated<R>(h, pp, yr[j], er[j]), c));
+      hd[j] = store<trace_t>(h);
     }
     // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets
     // w and alpha*h separately, so inf/NaN come out where the reference has them
@@ -210,10 +264,10 @@ PLASTIC_OPS_INLINE void forward_row(const scalar_t* hs, scalar_t* hd, scalar_t p
 }
 
 #define PLASTIC_OPS_FORWARD_ROW(NAME, TARGET)                                                                   \
-  template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>                                     \
-  TARGET void NAME(const scalar_t* hs, scalar_t* hd, scalar_t pp, const scalar_t* yr, const scalar_t* er,      \
+  template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>                  \
+  TARGET void NAME(const trace_t* hs, trace_t* hd, scalar_t pp, const scalar_t* yr, const scalar_t* er,        \
                    scalar_t pc, const scalar_t* wr, const scalar_t* ar, scalar_t* accr, int64_t n, scalar_t c) { \
-    forward_row<scalar_t, R, CLIP, UPDATE, ACCUM>(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);                 \
+    forward_row<scalar_t, trace_t, R, CLIP, UPDATE, ACCUM>(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);        \
   }
 PLASTIC_OPS_FORWARD_ROW(forward_row_base, )
 PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
@@ -222,8 +276,8 @@ PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 // update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
 // src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
 // task's partial (B, N_out) sum.
-template <typename scalar_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
-void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* src, scalar_t* dst, int64_t t,
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
+void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const trace_t* src, trace_t* dst, int64_t t,
                    scalar_t* partial) {
   const Dims d = P.d;
   const scalar_t* p_prev = UPDATE ? P.pre(t - 1) : nullptr;
@@ -232,8 +286,8 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
   const scalar_t* p_cur = ACCUM ? P.pre(t) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
-  const auto row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, UPDATE, ACCUM>
-                                  : forward_row_base<scalar_t, R, CLIP, UPDATE, ACCUM>;
+  const auto row = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, UPDATE, ACCUM>
+                                  : forward_row_base<scalar_t, trace_t, R, CLIP, UPDATE, ACCUM>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* acc = ACCUM ? partial + k * d.B * n : nullptr;
@@ -242,8 +296,8 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
         const scalar_t* wr = P.w + i * n;
         const scalar_t* ar = P.alpha + i * n;
         for (int64_t b = 0; b < d.B; ++b) {
-          const scalar_t* hs = src + (b * d.n_in + i) * n;
-          scalar_t* hd = UPDATE ? dst + (b * d.n_in + i) * n : nullptr;
+          const trace_t* hs = src + (b * d.n_in + i) * n;
+          trace_t* hd = UPDATE ? dst + (b * d.n_in + i) * n : nullptr;
           const scalar_t pp = UPDATE ? p_prev[b * d.n_in + i] : scalar_t(0);
           const scalar_t* yr = UPDATE ? y_prev + b * n : nullptr;
           const scalar_t* er = UPDATE ? e_prev + b * n : nullptr;
@@ -259,51 +313,63 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
 // Every H_t lands once, straight where it is kept: in checkpoint slot t / K when K divides
 // t, else in the output trace (the working buffer, updated in place), which ends as H_T.
 // No copy of the trace is made except H_0 into checkpoint 0.
-template <typename scalar_t>
+// scalar_t: the inputs' and y's dtype; trace_t: the trace's and checkpoints' storage type. Everything
+// is computed in acc_t (float for the 16-bit types); y_t is rounded to scalar_t as soon as it is
+// computed, since it is what the next steps read (docs/op_spec.md, "Dtypes").
+template <typename scalar_t, typename trace_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pre, const at::Tensor& drive,
                                                            const at::Tensor& w, const at::Tensor& alpha,
                                                            const at::Tensor& e, const at::Tensor& h0, Rule rule,
                                                            Act act, c10::optional<double> clip, const Dims& d,
                                                            bool recurrent) {
-  auto y = at::empty({d.T, d.B, d.n_out}, drive.options());
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  // 16-bit inputs are read once into acc_t copies (small next to one trace); others are used as they are
+  const at::Tensor pre_a = pre.to(acc_type), w_a = w.to(acc_type), alpha_a = alpha.to(acc_type),
+                   e_a = e.to(acc_type), drive_a = drive.to(acc_type);
+  auto y = at::empty({d.T, d.B, d.n_out}, drive_a.options());
   auto H = at::empty_like(h0);
   auto ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
   const Split sp = make_split(d);
-  auto acc = at::empty({d.B, d.n_out}, drive.options());
-  auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive.options());
-  const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
-  scalar_t* Hp = H.data_ptr<scalar_t>();
-  scalar_t* ckp = ckpts.data_ptr<scalar_t>();
-  scalar_t* accp = acc.data_ptr<scalar_t>();
-  scalar_t* partp = partial.data_ptr<scalar_t>();
-  const scalar_t* drv = drive.data_ptr<scalar_t>();
-  scalar_t* yp = y.data_ptr<scalar_t>();
+  auto acc = at::empty({d.B, d.n_out}, drive_a.options());
+  auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive_a.options());
+  const auto P = Problem<acc_t>::make(d, recurrent, pre_a, w_a, alpha_a, e_a, y, clip);
+  trace_t* Hp = H.data_ptr<trace_t>();
+  trace_t* ckp = ckpts.data_ptr<trace_t>();
+  acc_t* accp = acc.data_ptr<acc_t>();
+  acc_t* partp = partial.data_ptr<acc_t>();
+  const acc_t* drv = drive_a.data_ptr<acc_t>();
+  acc_t* yp = y.data_ptr<acc_t>();
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
-  const scalar_t* h0p = h0.data_ptr<scalar_t>();
+  const trace_t* h0p = h0.data_ptr<trace_t>();
   if (d.K > 0) std::copy(h0p, h0p + trace_numel, ckp);
   // Where H_t is written (and then read from).
-  auto slot = [&](int64_t t) -> scalar_t* {
+  auto slot = [&](int64_t t) -> trace_t* {
     return d.K > 0 && t < d.T && t % d.K == 0 ? ckp + (t / d.K) * trace_numel : Hp;
   };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
-    const scalar_t* cur = h0p;  // holds H_t
+    const trace_t* cur = h0p;  // holds H_t
     for (int64_t t = 0; t < d.T; ++t) {
       if (t == 0) {
-        forward_sweep<scalar_t, R, CLIP, false, true>(P, sp, cur, nullptr, t, partp);
+        forward_sweep<acc_t, trace_t, R, CLIP, false, true>(P, sp, cur, nullptr, t, partp);
       } else {
-        scalar_t* next = slot(t);
-        forward_sweep<scalar_t, R, CLIP, true, true>(P, sp, cur, next, t, partp);
+        trace_t* next = slot(t);
+        forward_sweep<acc_t, trace_t, R, CLIP, true, true>(P, sp, cur, next, t, partp);
         cur = next;
       }
       add_partials(accp, drv + t * d.B * d.n_out, partp, sp.tasks, d.B * d.n_out);
-      activate_rows(accp, yp + t * d.B * d.n_out, d.B, d.n_out, act);
+      acc_t* yt = yp + t * d.B * d.n_out;
+      activate_rows(accp, yt, d.B, d.n_out, act);
+      if (!std::is_same<scalar_t, acc_t>::value) {
+        for (int64_t r = 0; r < d.B * d.n_out; ++r) yt[r] = round_to<scalar_t>(yt[r]);
+      }
     }
-    forward_sweep<scalar_t, R, CLIP, true, false>(P, sp, cur, Hp, d.T, nullptr);  // H_T
+    forward_sweep<acc_t, trace_t, R, CLIP, true, false>(P, sp, cur, Hp, d.T, nullptr);  // H_T
   });
-  return {y, H, ckpts};
+  return {y.to(drive.scalar_type()), H, ckpts};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -313,21 +379,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
 // independent through the update, so each row runs every step of the segment while it is
 // in cache: one parallel region per segment, the checkpoint row read once, each new row
 // written once.
-template <typename scalar_t, Rule R, bool CLIP>
-void recompute_segment(const Problem<scalar_t>& P, const scalar_t* Hs, scalar_t* seg, int64_t s, int64_t L) {
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP>
+void recompute_segment(const Problem<scalar_t>& P, const trace_t* Hs, trace_t* seg, int64_t s, int64_t L) {
   const Dims d = P.d;
   const scalar_t c = P.clip;
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
   const int64_t grain = std::max<int64_t>(16, kMinElementsPerTask / std::max<int64_t>(1, d.n_out * (L - 1)));
-  const auto step_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, R, CLIP, true, false>
-                                       : forward_row_base<scalar_t, R, CLIP, true, false>;
+  const auto step_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, true, false>
+                                       : forward_row_base<scalar_t, trace_t, R, CLIP, true, false>;
   at::parallel_for(0, d.B * d.n_in, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / d.n_in;
-      const scalar_t* src = Hs + row * d.n_out;
+      const trace_t* src = Hs + row * d.n_out;
       for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t t = s + l;
-        scalar_t* out = seg + l * trace_numel + row * d.n_out;
+        trace_t* out = seg + l * trace_numel + row * d.n_out;
         // the forward's row loop without the a_t terms: the same operations, the same bits
         step_row(src, out, P.pre(t)[row], P.y_at(t) + b * d.n_out, P.e_at(t) + b * d.n_out, scalar_t(0), nullptr,
                  nullptr, nullptr, d.n_out, c);
@@ -338,9 +404,9 @@ void recompute_segment(const Problem<scalar_t>& P, const scalar_t* Hs, scalar_t*
 }
 
 // One trace row (b, i) of backward_pass; returns (dL/dp_m, dL/dp_tb) of the row.
-template <typename scalar_t>
+template <typename scalar_t, typename trace_t>
 struct BackwardRow {
-  const scalar_t* hr;  // H_m
+  const trace_t* hr;  // H_m
   const scalar_t* gin;
   scalar_t* gout;
   scalar_t pa;  // p_m
@@ -351,20 +417,22 @@ struct BackwardRow {
   scalar_t* gar;  // dL/dalpha
 };
 
-template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
-PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<scalar_t>& r, int64_t n, scalar_t c) {
-  const scalar_t *hr = r.hr, *gin = r.gin, *yr = r.yr, *er = r.er, *gab = r.gab, *wr = r.wr, *ar = r.ar;
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<scalar_t, trace_t>& r, int64_t n,
+                                                              scalar_t c) {
+  const trace_t* hr = r.hr;
+  const scalar_t *gin = r.gin, *yr = r.yr, *er = r.er, *gab = r.gab, *wr = r.wr, *ar = r.ar;
   scalar_t *gout = r.gout, *ger = r.ger, *gyr = r.gyr, *gar = r.gar;
   const scalar_t pa = r.pa, pb = r.pb;
   scalar_t sb = 0, sa = 0;
 #pragma omp simd reduction(+ : sa, sb)
   for (int64_t j = 0; j < n; ++j) {
-    const scalar_t h = hr[j];
+    const scalar_t h = load<scalar_t>(hr[j]);
     scalar_t g = G_ZERO ? scalar_t(0) : gin[j];
     const scalar_t yy = UPDATE ? yr[j] : scalar_t(0);
     const scalar_t ee = UPDATE ? er[j] : scalar_t(0);
     const scalar_t hpre = UPDATE ? updated<R>(h, pa, yy, ee) : h;
-    const scalar_t hb = UPDATE ? clamped<CLIP>(hpre, c) : h;
+    const scalar_t hb = UPDATE ? round_to<trace_t>(clamped<CLIP>(hpre, c)) : h;
     if constexpr (DRIVE) {
       const scalar_t a = ar[j], gg = gab[j];
       const scalar_t pg = pb * gg;
@@ -395,9 +463,9 @@ PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<
 }
 
 #define PLASTIC_OPS_BACKWARD_ROW(NAME, TARGET)                                                                 \
-  template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>                       \
-  TARGET std::pair<scalar_t, scalar_t> NAME(const BackwardRow<scalar_t>& r, scalar_t c, int64_t n) {          \
-    return backward_row<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>(r, n, c);                                    \
+  template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>   \
+  TARGET std::pair<scalar_t, scalar_t> NAME(const BackwardRow<scalar_t, trace_t>& r, scalar_t c, int64_t n) { \
+    return backward_row<scalar_t, trace_t, R, CLIP, DRIVE, UPDATE, G_ZERO>(r, n, c);                           \
   }
 PLASTIC_OPS_BACKWARD_ROW(backward_row_base, )
 PLASTIC_OPS_BACKWARD_ROW(backward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
@@ -412,8 +480,8 @@ PLASTIC_OPS_BACKWARD_ROW(backward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 //   UPDATE: through the clamp and the update of step m: G becomes the trace path of
 //     dL/dH_m; sets dp_a (dL/dp_m) and fills each task's partials of dL/de_m and dL/dy_m.
 // G_ZERO: G holds zeros (dL/dH_T not given), so it is written without being read.
-template <typename scalar_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
-void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* Hm, const scalar_t* Gin,
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+void backward_pass(const Problem<scalar_t>& P, const Split& sp, const trace_t* Hm, const scalar_t* Gin,
                    scalar_t* Gout, int64_t m, const scalar_t* ga, scalar_t* galpha, scalar_t* dp_b, scalar_t* dp_a,
                    scalar_t* partial) {
   const Dims d = P.d;
@@ -424,8 +492,8 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
   const scalar_t* p_b = DRIVE ? P.pre(tb) : nullptr;
   const scalar_t c = P.clip;
   const int64_t n = d.n_out;
-  const auto row_fn = cpu_has_avx2() ? backward_row_avx2<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>
-                                     : backward_row_base<scalar_t, R, CLIP, DRIVE, UPDATE, G_ZERO>;
+  const auto row_fn = cpu_has_avx2() ? backward_row_avx2<scalar_t, trace_t, R, CLIP, DRIVE, UPDATE, G_ZERO>
+                                     : backward_row_base<scalar_t, trace_t, R, CLIP, DRIVE, UPDATE, G_ZERO>;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* ge = UPDATE ? partial + 2 * k * d.B * n : nullptr;
@@ -437,7 +505,7 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const scalar_t* 
         scalar_t* gar = DRIVE ? galpha + i * n : nullptr;
         for (int64_t b = 0; b < d.B; ++b) {
           const int64_t row = b * d.n_in + i;
-          const scalar_t* hr = Hm + row * n;
+          const trace_t* hr = Hm + row * n;
           const scalar_t* gin = G_ZERO ? nullptr : Gin + row * n;
           scalar_t* gout = Gout + row * n;
           const scalar_t pa = UPDATE ? p_a[row] : scalar_t(0);
@@ -471,15 +539,22 @@ void dispatch_flags(bool a, bool b, F&& f) {
 // then a last DRIVE pass of step 0; see docs/op_spec.md ("Backward", "Checkpointing").
 // H_m is read from its checkpoint when K divides m, else from the recomputed segment.
 // has_grad_hT false: dL/dH_T is zero, so the UPDATE of step T-1 is skipped altogether.
-template <typename scalar_t>
+// scalar_t, trace_t: as in forward_impl. The gradients, dL/dH included, are accumulated in acc_t and
+// rounded to their inputs' dtypes once, at the end.
+template <typename scalar_t, typename trace_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& grad_y, const at::Tensor& grad_hT, bool has_grad_hT, const at::Tensor& pre,
-    const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
-    Rule rule, Act act, c10::optional<double> clip, const Dims& d, bool recurrent) {
+    const at::Tensor& grad_y_in, const at::Tensor& grad_hT_in, bool has_grad_hT, const at::Tensor& pre_in,
+    const at::Tensor& w_in, const at::Tensor& alpha_in, const at::Tensor& e_in, const at::Tensor& y_in,
+    const at::Tensor& ckpts, Rule rule, Act act, c10::optional<double> clip, const Dims& d, bool recurrent) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor grad_y = grad_y_in.to(acc_type), pre = pre_in.to(acc_type), w = w_in.to(acc_type),
+                   alpha = alpha_in.to(acc_type), e = e_in.to(acc_type), y = y_in.to(acc_type);
+  const at::Tensor grad_hT = has_grad_hT ? grad_hT_in.to(acc_type) : grad_hT_in;
   const auto opts = y.options();
   const int64_t seg_len = std::min(d.K, d.T);
   auto G = at::empty({d.B, d.n_in, d.n_out}, opts);
-  auto seg = at::empty({seg_len - 1, d.B, d.n_in, d.n_out}, opts);  // H_{s+1} .. of one segment
+  auto seg = at::empty({seg_len - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{s+1} .. of one segment
   auto g_drive = at::empty({d.T, d.B, d.n_out}, opts);
   auto g_e = at::empty({d.T, d.B, d.n_out}, opts);
   auto g_alpha = at::zeros({d.n_in, d.n_out}, opts);
@@ -488,33 +563,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Split sp = make_split(d);
   auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_m, dL/dy_m per task
 
-  const auto P = Problem<scalar_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
+  const auto P = Problem<acc_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
   const int64_t row_numel = d.B * d.n_out;
-  scalar_t* Gp = G.data_ptr<scalar_t>();
-  scalar_t* segp = seg.data_ptr<scalar_t>();
-  scalar_t* partp = partial.data_ptr<scalar_t>();
-  scalar_t* gap = g_alpha.data_ptr<scalar_t>();
-  const scalar_t* ckp = ckpts.data_ptr<scalar_t>();
-  const scalar_t* grad_yp = grad_y.data_ptr<scalar_t>();
+  acc_t* Gp = G.data_ptr<acc_t>();
+  trace_t* segp = seg.data_ptr<trace_t>();
+  acc_t* partp = partial.data_ptr<acc_t>();
+  acc_t* gap = g_alpha.data_ptr<acc_t>();
+  const trace_t* ckp = ckpts.data_ptr<trace_t>();
+  const acc_t* grad_yp = grad_y.data_ptr<acc_t>();
 
-  auto H_at = [&](int64_t m) -> const scalar_t* {
+  auto H_at = [&](int64_t m) -> const trace_t* {
     return m % d.K == 0 ? ckp + (m / d.K) * trace_numel : segp + (m % d.K - 1) * trace_numel;
   };
   // dL/dp_t: the linear form's dL/dx_t; dL/dy_{t-1} (t > 0) or dL/dy0 (t = 0) in the recurrent one.
-  auto dp_at = [&](int64_t t) -> scalar_t* {
-    if (!recurrent) return g_pre.data_ptr<scalar_t>() + t * d.B * d.n_in;
-    return t == 0 ? g_pre.data_ptr<scalar_t>() : carry.data_ptr<scalar_t>() + (t % 2) * d.B * d.n_in;
+  auto dp_at = [&](int64_t t) -> acc_t* {
+    if (!recurrent) return g_pre.data_ptr<acc_t>() + t * d.B * d.n_in;
+    return t == 0 ? g_pre.data_ptr<acc_t>() : carry.data_ptr<acc_t>() + (t % 2) * d.B * d.n_in;
   };
   // After the pass that ran the UPDATE of step m (ran = false: skipped, its terms are zero):
   // dL/de_m, the total dL/dy_m and ga_m = act'(dL/dy_m).
   auto finish_step = [&](int64_t m, bool ran) {
-    scalar_t* ge = g_e.data_ptr<scalar_t>() + m * row_numel;
-    scalar_t* gat = g_drive.data_ptr<scalar_t>() + m * row_numel;
-    const scalar_t* gym = grad_yp + m * row_numel;
-    std::vector<scalar_t> gy(row_numel);
+    acc_t* ge = g_e.data_ptr<acc_t>() + m * row_numel;
+    acc_t* gat = g_drive.data_ptr<acc_t>() + m * row_numel;
+    const acc_t* gym = grad_yp + m * row_numel;
+    std::vector<acc_t> gy(row_numel);
     for (int64_t r = 0; r < row_numel; ++r) {
-      scalar_t se = 0, sy = gym[r];
+      acc_t se = 0, sy = gym[r];
       if (ran) {
         for (int64_t k = 0; k < sp.tasks; ++k) {
           se += partp[(2 * k) * row_numel + r];
@@ -525,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       gy[r] = sy;
     }
     if (recurrent && m + 1 < d.T) {
-      const scalar_t* cp = dp_at(m + 1);
+      const acc_t* cp = dp_at(m + 1);
       for (int64_t r = 0; r < row_numel; ++r) gy[r] += cp[r];
     }
     activation_backward(gy.data(), P.y_at(m), gat, d.B, d.n_out, act);
@@ -535,22 +610,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
     bool g_zero = !has_grad_hT;
-    const scalar_t* Gin = has_grad_hT ? grad_hT.data_ptr<scalar_t>() : Gp;
+    const acc_t* Gin = has_grad_hT ? grad_hT.data_ptr<acc_t>() : Gp;
     for (int64_t m = d.T - 1; m >= 0; --m) {
       const int64_t s = m - m % d.K;
       if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1)) {  // entering segment [s, m]
-        recompute_segment<scalar_t, R, CLIP>(P, H_at(s), segp, s, m - s + 1);
+        recompute_segment<acc_t, trace_t, R, CLIP>(P, H_at(s), segp, s, m - s + 1);
       }
       const bool drive = m + 1 < d.T;
       if (!drive && g_zero) {  // UPDATE of step T-1 against a zero G: every term is zero
-        std::fill(dp_at(m), dp_at(m) + d.B * d.n_in, scalar_t(0));
+        std::fill(dp_at(m), dp_at(m) + d.B * d.n_in, acc_t(0));
         finish_step(m, false);
         continue;
       }
-      const scalar_t* ga = drive ? g_drive.data_ptr<scalar_t>() + (m + 1) * row_numel : nullptr;
-      scalar_t* dp_b = drive ? dp_at(m + 1) : nullptr;
+      const acc_t* ga = drive ? g_drive.data_ptr<acc_t>() + (m + 1) * row_numel : nullptr;
+      acc_t* dp_b = drive ? dp_at(m + 1) : nullptr;
       dispatch_flags(drive, g_zero, [&](auto drive_tag, auto zero_tag) {
-        backward_pass<scalar_t, R, CLIP, decltype(drive_tag)::value, true, decltype(zero_tag)::value>(
+        backward_pass<acc_t, trace_t, R, CLIP, decltype(drive_tag)::value, true, decltype(zero_tag)::value>(
             P, sp, H_at(m), Gin, Gp, m, ga, gap, dp_b, dp_at(m), partp);
       });
       g_zero = false;
@@ -558,15 +633,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       finish_step(m, true);
     }
     dispatch_flags(g_zero, false, [&](auto zero_tag, auto) {
-      backward_pass<scalar_t, R, CLIP, true, false, decltype(zero_tag)::value>(
-          P, sp, H_at(0), Gin, Gp, 0, g_drive.data_ptr<scalar_t>(), gap, dp_at(0), nullptr, nullptr);
+      backward_pass<acc_t, trace_t, R, CLIP, true, false, decltype(zero_tag)::value>(
+          P, sp, H_at(0), Gin, Gp, 0, g_drive.data_ptr<acc_t>(), gap, dp_at(0), nullptr, nullptr);
     });
   });
 
   // dL/dw = sum_t p_t^T ga_t as one GEMM over all steps.
   at::Tensor P_all = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
   auto g_w = at::mm(P_all.reshape({d.T * d.B, d.n_in}).t(), g_drive.reshape({d.T * d.B, d.n_out}));
-  return {g_pre, g_drive, g_w, g_alpha, g_e, G};
+  return {g_pre.to(pre_in.scalar_type()), g_drive.to(grad_y_in.scalar_type()), g_w.to(w_in.scalar_type()),
+          g_alpha.to(alpha_in.scalar_type()), g_e.to(e_in.scalar_type()), G.to(ckpts.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -579,8 +655,10 @@ ForwardResult forward_cpu(bool recurrent, const at::Tensor& pre, const at::Tenso
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
   ForwardResult out;
-  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cpu", [&] {
-    out = forward_impl<scalar_t>(pre, drive, w, alpha, e, h0, r, a, clip, d, recurrent);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drive.scalar_type(), "plastic_forward_cpu", [&] {
+    dispatch_trace<scalar_t>(h0.scalar_type(), [&](auto trace_tag) {
+      out = forward_impl<scalar_t, decltype(trace_tag)>(pre, drive, w, alpha, e, h0, r, a, clip, d, recurrent);
+    });
   });
   return out;
 }
@@ -590,13 +668,16 @@ BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::
                             const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
                             c10::string_view activation, c10::optional<double> clip, int64_t K) {
   const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const NoAutocast no_autocast;
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
   BackwardResult out;
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "plastic_backward_cpu", [&] {
-    out = backward_impl<scalar_t>(grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y, ckpts, r, a, clip, d,
-                                  recurrent);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "plastic_backward_cpu", [&] {
+    dispatch_trace<scalar_t>(ckpts.scalar_type(), [&](auto trace_tag) {
+      out = backward_impl<scalar_t, decltype(trace_tag)>(grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y, ckpts,
+                                                         r, a, clip, d, recurrent);
+    });
   });
   return out;
 }

@@ -6,6 +6,7 @@
 // y, e, drive (T, B, N_out); w, alpha (N_in, N_out). j (N_out) is always the fastest index,
 // so a warp of consecutive j reads 32 consecutive trace elements.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +19,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "../plastic_common.h"
 
@@ -44,6 +46,17 @@ template <bool OJA, typename scalar_t>
 __device__ __forceinline__ scalar_t rule_update(scalar_t h, scalar_t p, scalar_t y, scalar_t e) {
   if (OJA) return h + e * y * (p - h * y);
   return (scalar_t(1) - e) * h + e * p * y;
+}
+
+// v rounded to the storage type T (c10::BFloat16, c10::Half) and read back; a no-op when T is v's
+// own type. Where the kernels store a 16-bit trace or output (docs/op_spec.md, "Dtypes").
+template <typename T, typename acc_t>
+__device__ __forceinline__ acc_t round_to(acc_t v) {
+  if constexpr (std::is_same<T, acc_t>::value) {
+    return v;
+  } else {
+    return static_cast<acc_t>(static_cast<T>(v));
+  }
 }
 
 // clamp to [-c, c]; NaN stays NaN, as with torch.clamp.
@@ -110,8 +123,10 @@ __device__ __forceinline__ scalar_t act_backward_elementwise(scalar_t g, scalar_
 // nothing is applied), clamps, writes H_t to dst (and to the checkpoint when there is one), and
 // accumulates p_t[b,i] * (w[i,j] + alpha[i,j] * H_t[b,i,j]). Its partial sum of a_t goes to
 // part[z, b, j]; the activation kernel adds the splits in a fixed order (no atomics).
-template <typename scalar_t, bool OJA, bool UPDATE>
-__global__ void forward_sweep_kernel(const scalar_t* src, scalar_t* dst, scalar_t* ckpt,
+// scalar_t: the accumulation type; trace_t: the trace's storage type (H_t is rounded to it when stored,
+// and the rounded value is the one used, as the backward reads it back).
+template <typename scalar_t, typename trace_t, bool OJA, bool UPDATE>
+__global__ void forward_sweep_kernel(const trace_t* src, trace_t* dst, trace_t* ckpt,
                                      const scalar_t* __restrict__ p_prev, const scalar_t* __restrict__ y_prev,
                                      const scalar_t* __restrict__ e_prev, const scalar_t* __restrict__ p_cur,
                                      const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha,
@@ -134,13 +149,14 @@ __global__ void forward_sweep_kernel(const scalar_t* src, scalar_t* dst, scalar_
   scalar_t acc = 0;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t o = base + i * n_out;
-    scalar_t h = src[o];
+    scalar_t h = static_cast<scalar_t>(src[o]);
     if (UPDATE) {
       h = rule_update<OJA>(h, pp[i], yv, ev);
       if (has_clip) h = clamp_trace(h, clip);
+      h = round_to<trace_t>(h);
     }
-    dst[o] = h;
-    if (ckpt != nullptr) ckpt[o] = h;
+    dst[o] = static_cast<trace_t>(h);
+    if (ckpt != nullptr) ckpt[o] = static_cast<trace_t>(h);
     const int64_t wo = i * n_out + j;
     // p*w and p*(alpha*h) as two terms, as in the reference: an infinite p meets w and
     // alpha*h separately, so inf/NaN come out where the reference has them
@@ -149,8 +165,9 @@ __global__ void forward_sweep_kernel(const scalar_t* src, scalar_t* dst, scalar_
   part[(z * B + b) * n_out + j] = acc;
 }
 
-// y_t[b, :] = act(drive_t[b, :] + sum_z part[z, b, :]). One block per row b.
-template <typename scalar_t>
+// y_t[b, :] = act(drive_t[b, :] + sum_z part[z, b, :]), rounded to out_t (the inputs' dtype: the next
+// steps read y_t as stored). One block per row b.
+template <typename scalar_t, typename out_t>
 __global__ void activation_forward_kernel(const scalar_t* __restrict__ part, int64_t n_split,
                                           const scalar_t* __restrict__ drive_t, scalar_t* __restrict__ y_t,
                                           int64_t B, int64_t n_out, int act) {
@@ -167,7 +184,7 @@ __global__ void activation_forward_kernel(const scalar_t* __restrict__ part, int
       yr[j] = a;  // kept here until the row's max and sum are known
       mx = a > mx ? a : mx;
     } else {
-      yr[j] = act_elementwise(a, act);
+      yr[j] = round_to<out_t>(act_elementwise(a, act));
     }
   }
   if (!softmax) return;  // uniform over the block
@@ -179,13 +196,13 @@ __global__ void activation_forward_kernel(const scalar_t* __restrict__ part, int
     sum += ex;
   }
   sum = block_all_reduce<false>(sum, shm);
-  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) yr[j] = yr[j] / sum;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) yr[j] = round_to<out_t>(yr[j] / sum);
 }
 
 // dst = clamp(update(src)) for one step, elementwise: the forward's update after its last step
 // and the backward's recomputation of a segment. Thread j of row r = b * N_in + i.
-template <typename scalar_t, bool OJA>
-__global__ void update_kernel(const scalar_t* src, scalar_t* dst, const scalar_t* __restrict__ p,
+template <typename scalar_t, typename trace_t, bool OJA>
+__global__ void update_kernel(const trace_t* src, trace_t* dst, const scalar_t* __restrict__ p,
                               const scalar_t* __restrict__ y, const scalar_t* __restrict__ e, int64_t B,
                               int64_t n_in, int64_t n_out, bool has_clip, scalar_t clip) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -194,9 +211,9 @@ __global__ void update_kernel(const scalar_t* src, scalar_t* dst, const scalar_t
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t b = r / n_in;
     const int64_t o = r * n_out + j;
-    scalar_t h = rule_update<OJA>(src[o], p[r], y[b * n_out + j], e[b * n_out + j]);
+    scalar_t h = rule_update<OJA>(static_cast<scalar_t>(src[o]), p[r], y[b * n_out + j], e[b * n_out + j]);
     if (has_clip) h = clamp_trace(h, clip);
-    dst[o] = h;
+    dst[o] = static_cast<trace_t>(h);
   }
 }
 
@@ -208,8 +225,8 @@ __global__ void update_kernel(const scalar_t* src, scalar_t* dst, const scalar_t
 // partial dL/dH_t (Gp times dHpre/dh), sums dL/de_t[b,j] and the update's dL/dy_t[b,j] into
 // de_part/dy_part[z, b, j], and, per i, sums Gp * e * y over the warp's 32 j: lane 0 stores it
 // in dp_part[b, j / 32, i] (each slot written by exactly one warp, no atomics).
-template <typename scalar_t, bool OJA>
-__global__ void backward_sweep_a_kernel(const scalar_t* __restrict__ H, scalar_t* __restrict__ G,
+template <typename scalar_t, typename trace_t, bool OJA>
+__global__ void backward_sweep_a_kernel(const trace_t* __restrict__ H, scalar_t* __restrict__ G,
                                         const scalar_t* __restrict__ p, const scalar_t* __restrict__ y,
                                         const scalar_t* __restrict__ e, scalar_t* __restrict__ de_part,
                                         scalar_t* __restrict__ dy_part, scalar_t* __restrict__ dp_part, int64_t B,
@@ -235,7 +252,7 @@ __global__ void backward_sweep_a_kernel(const scalar_t* __restrict__ H, scalar_t
     scalar_t contrib = 0;
     if (valid) {
       const int64_t o = base + i * n_out;
-      const scalar_t h = H[o];
+      const scalar_t h = static_cast<scalar_t>(H[o]);
       scalar_t g = G[o];
       if (has_clip) {
         const scalar_t hp = rule_update<OJA>(h, pv, yv, ev);
@@ -306,8 +323,8 @@ __global__ void activation_backward_kernel(const scalar_t* __restrict__ dy_part,
 // walks all b: G[b,i,j] += alpha * p * ga; dalpha[i,j] += sum_b p * ga * H_t (this thread owns
 // (i, j), so a plain read-modify-write); per (b, i) the warp sums ga * (w + alpha * H_t) over
 // its 32 j and lane 0 adds it to dp_part[b, j / 32, i] (the slot sweep A wrote; one owner).
-template <typename scalar_t>
-__global__ void backward_sweep_b_kernel(const scalar_t* __restrict__ H, scalar_t* __restrict__ G,
+template <typename scalar_t, typename trace_t>
+__global__ void backward_sweep_b_kernel(const trace_t* __restrict__ H, scalar_t* __restrict__ G,
                                         const scalar_t* __restrict__ p, const scalar_t* __restrict__ ga,
                                         const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha,
                                         scalar_t* __restrict__ dalpha, scalar_t* __restrict__ dp_part, int64_t B,
@@ -328,7 +345,7 @@ __global__ void backward_sweep_b_kernel(const scalar_t* __restrict__ H, scalar_t
       scalar_t contrib = 0;
       if (valid) {
         const int64_t o = (b * n_in + i) * n_out + j;
-        const scalar_t h = H[o];
+        const scalar_t h = static_cast<scalar_t>(H[o]);
         const scalar_t gav = ga[b * n_out + j];
         const scalar_t pg = pv * gav;
         G[o] += pg * av;  // products in the reference's order (see forward_sweep_kernel)
@@ -373,18 +390,18 @@ std::pair<int64_t, int64_t> split_rows(int64_t B, int64_t n_in, int64_t n_out) {
   return {ceil_div(n_in, chunk), chunk};
 }
 
-template <typename scalar_t>
-void launch_update(bool oja, const scalar_t* src, scalar_t* dst, const scalar_t* p, const scalar_t* y,
+template <typename scalar_t, typename trace_t>
+void launch_update(bool oja, const trace_t* src, trace_t* dst, const scalar_t* p, const scalar_t* y,
                    const scalar_t* e, const Dims& d, bool has_clip, scalar_t clip, cudaStream_t stream) {
   const int64_t rows = d.B * d.n_in;
   if (rows == 0 || d.n_out == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)),
                   static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridYZ)));
   if (oja) {
-    update_kernel<scalar_t, true><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
+    update_kernel<scalar_t, trace_t, true><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
                                                                   has_clip, clip);
   } else {
-    update_kernel<scalar_t, false><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
+    update_kernel<scalar_t, trace_t, false><<<grid, kThreadsJ, 0, stream>>>(src, dst, p, y, e, d.B, d.n_in, d.n_out,
                                                                    has_clip, clip);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -403,7 +420,8 @@ struct PreRows {
   }
 };
 
-template <typename scalar_t>
+// scalar_t: the accumulation type of every tensor but the trace (trace_t) and y's rounding (out_t).
+template <typename scalar_t, typename trace_t, typename out_t>
 void forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                   const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Rule rule, Act act,
                   c10::optional<double> clip, const Dims& d, at::Tensor& y, at::Tensor& hT, at::Tensor& ckpts) {
@@ -417,9 +435,9 @@ void forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive
   at::Tensor part = at::empty({n_split, d.B, d.n_out}, drive.options());
 
   scalar_t* yp = y.data_ptr<scalar_t>();
-  scalar_t* hp = hT.data_ptr<scalar_t>();
-  scalar_t* cp = d.K > 0 ? ckpts.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* h0p = h0.data_ptr<scalar_t>();
+  trace_t* hp = hT.data_ptr<trace_t>();
+  trace_t* cp = d.K > 0 ? ckpts.data_ptr<trace_t>() : nullptr;
+  const trace_t* h0p = h0.data_ptr<trace_t>();
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const scalar_t* ap = alpha.data_ptr<scalar_t>();
   const scalar_t* ep = e.data_ptr<scalar_t>();
@@ -430,37 +448,38 @@ void forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive
   const dim3 sweep_grid(static_cast<unsigned>(ceil_div(d.n_out, kThreadsJ)), static_cast<unsigned>(d.B),
                         static_cast<unsigned>(n_split));
   for (int64_t t = 0; t < d.T; ++t) {
-    scalar_t* ck = (d.K > 0 && t % d.K == 0) ? cp + (t / d.K) * hs : nullptr;
+    trace_t* ck = (d.K > 0 && t % d.K == 0) ? cp + (t / d.K) * hs : nullptr;
     if (t == 0) {
       if (oja) {
-        forward_sweep_kernel<scalar_t, true, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
+        forward_sweep_kernel<scalar_t, trace_t, true, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
             h0p, hp, ck, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
       } else {
-        forward_sweep_kernel<scalar_t, false, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
+        forward_sweep_kernel<scalar_t, trace_t, false, false><<<sweep_grid, kThreadsJ, 0, stream>>>(
             h0p, hp, ck, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
       }
     } else {
       const scalar_t* yprev = yp + (t - 1) * bo;
       const scalar_t* eprev = ep + (t - 1) * bo;
       if (oja) {
-        forward_sweep_kernel<scalar_t, true, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
+        forward_sweep_kernel<scalar_t, trace_t, true, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
             hp, hp, ck, P.at(t - 1), yprev, eprev, P.at(t), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
       } else {
-        forward_sweep_kernel<scalar_t, false, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
+        forward_sweep_kernel<scalar_t, trace_t, false, true><<<sweep_grid, kThreadsJ, 0, stream>>>(
             hp, hp, ck, P.at(t - 1), yprev, eprev, P.at(t), wp, ap, partp, d.B, d.n_in, d.n_out, chunk, has_clip, c);
       }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    activation_forward_kernel<scalar_t><<<static_cast<unsigned>(d.B), kThreadsRow, 0, stream>>>(
+    activation_forward_kernel<scalar_t, out_t><<<static_cast<unsigned>(d.B), kThreadsRow, 0, stream>>>(
         partp, n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // H_T: the update of the last step.
-  launch_update<scalar_t>(oja, hp, hp, P.at(d.T - 1), yp + (d.T - 1) * bo, ep + (d.T - 1) * bo, d, has_clip, c,
+  launch_update<scalar_t, trace_t>(oja, hp, hp, P.at(d.T - 1), yp + (d.T - 1) * bo, ep + (d.T - 1) * bo, d, has_clip, c,
                           stream);
 }
 
-template <typename scalar_t>
+// scalar_t: the accumulation type of every tensor but the checkpoints (trace_t).
+template <typename scalar_t, typename trace_t>
 void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& pre, const at::Tensor& w,
                    const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
                    Rule rule, Act act, c10::optional<double> clip, const Dims& d, at::Tensor& G, at::Tensor& g_pre,
@@ -482,7 +501,7 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
   at::Tensor dp_part = at::empty({d.B, n_warps_j, d.n_in}, opts);
   at::Tensor carry = recurrent ? at::zeros({d.B, d.n_out}, opts) : at::Tensor();
   const int64_t seg_max = std::min(d.K, d.T);
-  at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, opts);  // H_{cK+1} .. of one segment
+  at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{cK+1} .. of one segment
 
   scalar_t* Gp = G.data_ptr<scalar_t>();
   scalar_t* gpre = g_pre.data_ptr<scalar_t>();
@@ -493,8 +512,8 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
   scalar_t* dyp = dy_part.data_ptr<scalar_t>();
   scalar_t* dpp = dp_part.data_ptr<scalar_t>();
   scalar_t* carryp = recurrent ? carry.data_ptr<scalar_t>() : nullptr;
-  scalar_t* segp = seg.data_ptr<scalar_t>();
-  const scalar_t* ckp = ckpts.data_ptr<scalar_t>();
+  trace_t* segp = seg.data_ptr<trace_t>();
+  const trace_t* ckp = ckpts.data_ptr<trace_t>();
   const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   const scalar_t* ep = e.data_ptr<scalar_t>();
@@ -512,23 +531,23 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
     const int64_t t0 = ci * d.K;
     const int64_t len = std::min(d.K, d.T - t0);
     // H_{t0 + s}: the checkpoint for s = 0, the segment buffer after it.
-    auto trace_at = [&](int64_t s) -> scalar_t* {
-      return s == 0 ? const_cast<scalar_t*>(ckp) + ci * hs : segp + (s - 1) * hs;
+    auto trace_at = [&](int64_t s) -> trace_t* {
+      return s == 0 ? const_cast<trace_t*>(ckp) + ci * hs : segp + (s - 1) * hs;
     };
     for (int64_t s = 1; s < len; ++s) {
       const int64_t t = t0 + s - 1;
-      launch_update<scalar_t>(oja, trace_at(s - 1), trace_at(s), P.at(t), yp + t * bo, ep + t * bo, d, has_clip,
+      launch_update<scalar_t, trace_t>(oja, trace_at(s - 1), trace_at(s), P.at(t), yp + t * bo, ep + t * bo, d, has_clip,
                               c, stream);
     }
     for (int64_t s = len - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
-      const scalar_t* Ht = trace_at(s);
+      const trace_t* Ht = trace_at(s);
       const scalar_t* pt = P.at(t);
       if (oja) {
-        backward_sweep_a_kernel<scalar_t, true><<<grid_a, kThreadsJ, 0, stream>>>(
+        backward_sweep_a_kernel<scalar_t, trace_t, true><<<grid_a, kThreadsJ, 0, stream>>>(
             Ht, Gp, pt, yp + t * bo, ep + t * bo, dep, dyp, dpp, d.B, d.n_in, d.n_out, n_warps_j, chunk, has_clip, c);
       } else {
-        backward_sweep_a_kernel<scalar_t, false><<<grid_a, kThreadsJ, 0, stream>>>(
+        backward_sweep_a_kernel<scalar_t, trace_t, false><<<grid_a, kThreadsJ, 0, stream>>>(
             Ht, Gp, pt, yp + t * bo, ep + t * bo, dep, dyp, dpp, d.B, d.n_in, d.n_out, n_warps_j, chunk, has_clip, c);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -537,7 +556,7 @@ void backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& p
           static_cast<int>(act));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (d.n_in > 0) {
-        backward_sweep_b_kernel<scalar_t><<<grid_b, kThreadsJ, 0, stream>>>(
+        backward_sweep_b_kernel<scalar_t, trace_t><<<grid_b, kThreadsJ, 0, stream>>>(
             Ht, Gp, pt, gdrive + t * bo, wp, ap, galpha, dpp, d.B, d.n_in, d.n_out, n_warps_j, rows_per_block);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         // dL/dp_t: dL/dx_t (linear); dL/dy_{t-1}, carried into step t-1, or dL/dy0 (recurrent).
@@ -842,6 +861,12 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
 // ------------------------------------------------------------------------------------------
 // Op entry points.
 
+// The fused kernels take float32 or float64 with a trace of the same dtype; 16-bit inputs and a
+// bfloat16 trace run on the previous kernels until the fused ones are instantiated for them.
+bool fused_handles(at::ScalarType io, at::ScalarType trace) {
+  return io == trace && (io == at::kFloat || io == at::kDouble);
+}
+
 void check_cuda(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), "plastic_ops: the CUDA kernels got a tensor on ", t.device());
 }
@@ -855,17 +880,27 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
-  if (use_fused_kernels()) return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d);
+  if (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type())) {
+    return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d);
+  }
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
-  at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, drive.options());
+  at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
   if (d.B == 0 || d.n_out == 0) {  // nothing to compute: y and the traces are empty
     hT.copy_(h0);
     return std::make_tuple(y, hT, ckpts);
   }
-  AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda", [&] {
-    forward_impl<scalar_t>(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, y, hT, ckpts);
+  // 16-bit inputs: computed from float copies, y in a float buffer (each y_t rounded to their dtype)
+  const auto acc = at::toOpMathType(drive.scalar_type());
+  at::Tensor y_acc = acc == y.scalar_type() ? y : at::empty(y.sizes(), y.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drive.scalar_type(), "plastic_forward_cuda", [&] {
+    dispatch_trace<scalar_t>(h0.scalar_type(), [&](auto trace_tag) {
+      forward_impl<at::opmath_type<scalar_t>, decltype(trace_tag), scalar_t>(
+          recurrent, pre.to(acc), drive.to(acc), w.to(acc), alpha.to(acc), e.to(acc), h0, rule, act, clip, d, y_acc,
+          hT, ckpts);
+    });
   });
+  if (!y_acc.is_same(y)) y.copy_(y_acc);
   return std::make_tuple(y, hT, ckpts);
 }
 
@@ -880,27 +915,42 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   check_cuda(grad_y);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
-  if (use_fused_kernels()) {
+  const NoAutocast no_autocast;
+  if (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type())) {
     return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d);
   }
+  // Every gradient, dL/dH too, is accumulated in the inputs' accumulation type and returned in its
+  // input's dtype (a no-op for float32 and float64 inputs with a trace of their dtype).
+  const auto acc = at::toOpMathType(grad_y.scalar_type());
+  const auto opts = grad_y.options().dtype(acc);
+  auto out = [&](const at::Tensor& g_pre, const at::Tensor& g_drive, const at::Tensor& g_w, const at::Tensor& g_alpha,
+                 const at::Tensor& g_e, const at::Tensor& G) {
+    return std::make_tuple(g_pre.to(pre.scalar_type()), g_drive.to(grad_y.scalar_type()), g_w.to(w.scalar_type()),
+                           g_alpha.to(alpha.scalar_type()), g_e.to(e.scalar_type()), G.to(ckpts.scalar_type()));
+  };
 
   // dL/dH_T, walked back to dL/dH_0 (zeros for the zero marker: the CUDA sweeps always read G)
-  at::Tensor G = is_zero_grad_marker(grad_hT) ? at::zeros_like(ckpts.select(0, 0)) : grad_hT.clone();
-  at::Tensor g_pre = at::zeros_like(pre);
-  at::Tensor g_drive = at::zeros({d.T, d.B, d.n_out}, grad_y.options());
-  at::Tensor g_alpha = at::zeros({d.n_in, d.n_out}, grad_y.options());
-  at::Tensor g_e = at::zeros({d.T, d.B, d.n_out}, grad_y.options());
+  at::Tensor G = is_zero_grad_marker(grad_hT) ? at::zeros(ckpts.select(0, 0).sizes(), opts)
+                                              : grad_hT.to(acc, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor g_pre = at::zeros(pre.sizes(), opts);
+  at::Tensor g_drive = at::zeros({d.T, d.B, d.n_out}, opts);
+  at::Tensor g_alpha = at::zeros({d.n_in, d.n_out}, opts);
+  at::Tensor g_e = at::zeros({d.T, d.B, d.n_out}, opts);
   if (d.B == 0 || d.n_out == 0) {
-    return std::make_tuple(g_pre, g_drive, at::zeros_like(w), g_alpha, g_e, G);
+    return out(g_pre, g_drive, at::zeros(w.sizes(), opts), g_alpha, g_e, G);
   }
-  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda", [&] {
-    backward_impl<scalar_t>(recurrent, grad_y, pre, w, alpha, e, y, ckpts, rule, act, clip, d, G, g_pre, g_drive,
-                            g_alpha, g_e);
+  const at::Tensor pre_a = pre.to(acc), y_a = y.to(acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_y.scalar_type(), "plastic_backward_cuda", [&] {
+    dispatch_trace<scalar_t>(ckpts.scalar_type(), [&](auto trace_tag) {
+      backward_impl<at::opmath_type<scalar_t>, decltype(trace_tag)>(
+          recurrent, grad_y.to(acc), pre_a, w.to(acc), alpha.to(acc), e.to(acc), y_a, ckpts, rule, act, clip, d, G,
+          g_pre, g_drive, g_alpha, g_e);
+    });
   });
   // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps.
-  at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
+  at::Tensor P = recurrent ? at::cat({pre_a.unsqueeze(0), y_a.narrow(0, 0, d.T - 1)}, 0) : pre_a;
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
-  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
+  return out(g_pre, g_drive, g_w, g_alpha, g_e, G);
 }
 
 }  // namespace

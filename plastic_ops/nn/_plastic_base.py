@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
-from .._validation import ACTIVATIONS, RULES, check_checkpoint_every, check_clip, to_float
+from .._validation import ACTIVATIONS, RULES, TRACE_DTYPES, check_checkpoint_every, check_clip, to_float
 
 ALPHA_SHAPES = ("synapse", "input", "output", "scalar")
 IMPLS = ("fused", "reference")
@@ -15,7 +15,7 @@ IMPLS = ("fused", "reference")
 class _PlasticBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, alpha: str, rule: str, activation: str,
                  clip, eta: float, learn_eta: bool, bias: bool, batch_first: bool, init_std: float, impl: str,
-                 checkpoint_every, device=None, dtype=None):
+                 checkpoint_every, trace_dtype=None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
@@ -28,6 +28,11 @@ class _PlasticBase(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         clip = check_clip(clip)
         checkpoint_every = check_checkpoint_every(checkpoint_every)
+        # checked against the parameters' dtype at each call: .to(dtype) may change it after this
+        if trace_dtype is not None and trace_dtype not in {d for ds in TRACE_DTYPES.values() for d in ds}:
+            raise TypeError(f"trace_dtype must be None, torch.float32, torch.bfloat16 or torch.float64, "
+                            f"got {trace_dtype!r}")
+        self.trace_dtype = trace_dtype
         self.impl = impl  # validated by the property setter
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
@@ -72,11 +77,13 @@ class _PlasticBase(nn.Module):
 
     def _kwargs(self, modulation):
         return dict(rule=self.rule, activation=self.activation, clip=self.clip,
-                    modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every)
+                    modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every,
+                    trace_dtype=self.trace_dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, alpha={self.alpha_shape}, rule={self.rule}, "
                 f"activation={self.activation}, clip={self.clip}, bias={self.bias is not None}, "
-                f"batch_first={self.batch_first}, impl={self.impl}")
+                f"batch_first={self.batch_first}, impl={self.impl}"
+                + (f", trace_dtype={self.trace_dtype}" if self.trace_dtype is not None else ""))
 
 

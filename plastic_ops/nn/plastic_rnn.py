@@ -18,10 +18,10 @@ class PlasticRNN(_PlasticBase):
     def __init__(self, size: int, *, alpha: str = "synapse", rule: str = "hebb", activation: str = "tanh",
                  clip=None, eta: float = 0.01, learn_eta: bool = True, bias: bool = False,
                  batch_first: bool = False, init_std: float = 0.01, impl: str = "fused", checkpoint_every=None,
-                 device=None, dtype=None):
+                 trace_dtype=None, device=None, dtype=None):
         super().__init__(size, size, alpha=alpha, rule=rule, activation=activation, clip=clip, eta=eta,
                          learn_eta=learn_eta, bias=bias, batch_first=batch_first, init_std=init_std, impl=impl,
-                         checkpoint_every=checkpoint_every, device=device, dtype=dtype)
+                         checkpoint_every=checkpoint_every, trace_dtype=trace_dtype, device=device, dtype=dtype)
         self.size = size
 
     def forward(self, u, trace=None, y0=None, modulation=None):
