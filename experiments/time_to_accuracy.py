@@ -144,7 +144,7 @@ def stage_report(out: Path, configs, args, selection: dict) -> None:
             bar.set_description(f"report {cfg.name} seed {seed}")
             budget = args.reference_budget if cfg.impl == "reference" else args.budget
             train_once(run_dir(out, "report", cfg.name, f"seed{seed}"), cfg, lr_of(cfg, selection), seed,
-                       args.report_seed, budget, min(args.thresholds), args)
+                       args.report_seed, budget, args.target or min(args.thresholds), args)
             bar.update(1)
 
 
@@ -163,6 +163,8 @@ def first_reached(curve: dict, threshold: float) -> dict | None:
 
 def summarize(values) -> dict:
     """Median and range over seeds; a seed that never reached the threshold counts as +inf."""
+    if not values:
+        return {"median": None, "min": None, "max": None}
     v = np.asarray([np.inf if x is None else x for x in values], dtype=float)
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
@@ -180,16 +182,25 @@ def load_reports(out: Path, configs, selection: dict) -> list[dict]:
     return rows
 
 
+def measured(run: dict, threshold: float) -> bool:
+    """False when the run was told to stop at a higher bit error: it says nothing about this threshold."""
+    target = run["time_to_accuracy"]["target_error"]
+    return target is None or target <= threshold
+
+
 def threshold_stats(row: dict, threshold: float) -> dict:
-    hits = [first_reached(m["time_to_accuracy"]["curve"], threshold) for m in row["runs"]]
+    runs = [m for m in row["runs"] if measured(m, threshold)]
+    hits = [first_reached(m["time_to_accuracy"]["curve"], threshold) for m in runs]
     pick = lambda key: [None if h is None else h[key] for h in hits]  # noqa: E731
     return {"threshold": threshold, "reached": sum(h is not None for h in hits), "seeds": len(hits),
             "cpu_s": summarize(pick("cpu_s")), "wall_s": summarize(pick("wall_s")),
             "episodes": summarize(pick("episodes")), "per_seed": hits,
-            "budget_cpu_s": [m["time_to_accuracy"]["time_budget"] for m in row["runs"]]}
+            "budget_cpu_s": [m["time_to_accuracy"]["time_budget"] for m in runs]}
 
 
 def fmt(s: dict, digits=0) -> str:
+    if s["median"] is None:
+        return "not run"
     if not np.isfinite(s["median"]):
         return "not reached"
     hi = "not reached" if not np.isfinite(s["max"]) else f"{s['max']:.{digits}f}"
@@ -202,7 +213,7 @@ def make_table(rows: list[dict], thresholds) -> tuple[str, list[dict]]:
     for t in thresholds:
         head += [f"CPU s to {100 * t:g}%", f"wall s to {100 * t:g}%", f"episodes to {100 * t:g}%",
                  f"reached {100 * t:g}%"]
-    head += ["eval CPU s (apart)", "budget (CPU s)"]
+    head += ["eval CPU s (apart)", "budget (CPU s), stop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = []
     for row in rows:
@@ -212,7 +223,9 @@ def make_table(rows: list[dict], thresholds) -> tuple[str, list[dict]]:
         for s in stats:
             cells += [fmt(s["cpu_s"]), fmt(s["wall_s"]), fmt(s["episodes"]), f"{s['reached']}/{s['seeds']}"]
         evals = [m["time_to_accuracy"]["eval_cpu_s"] for m in row["runs"]]
-        cells += [f"{np.median(evals):.0f}", f"{max(s['budget_cpu_s'][0] for s in stats):g}"]
+        budget = max(m["time_to_accuracy"]["time_budget"] for m in row["runs"])
+        target = max(m["time_to_accuracy"]["target_error"] or 0 for m in row["runs"])
+        cells += [f"{np.median(evals):.0f}", f"{budget:g}, stop at {100 * target:g}%"]
         lines.append("| " + " | ".join(cells) + " |")
         table.append({k: row[k] for k in ("config", "impl", "batch", "lr", "lr_chosen_on_validation", "seeds")}
                      | {"thresholds": stats, "eval_cpu_s": evals,
@@ -292,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the reported runs")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.01, 0.005],
                    help="held-out bit errors (fractions); a reported run stops at the lowest")
+    p.add_argument("--target", type=float, default=None,
+                   help="bit error at which the reported runs stop (default: the lowest of --thresholds)")
     p.add_argument("--lr-grid", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="learning rates tried for each batched configuration")
     p.add_argument("--select-budget", type=float, default=90.0, help="training CPU seconds per grid point")
