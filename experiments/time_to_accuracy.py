@@ -277,11 +277,29 @@ def plot(rows: list[dict], thresholds, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def selection_table(selection: dict) -> str:
+    """Markdown: the lowest validation bit error each learning rate reached within the selection budget."""
+    if not selection:
+        return ""
+    lrs = sorted({g["lr"] for sel in selection.values() for g in sel["grid"].values()})
+    lines = ["| configuration | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+             "|" + "---|" * (len(lrs) + 2)]
+    for name, sel in selection.items():
+        by_lr = {g["lr"]: g for g in sel["grid"].values()}
+        cells = [f"{100 * by_lr[lr]['min_bit_error']:.2f}% ({by_lr[lr]['episodes_at_min']} ep)" if lr in by_lr
+                 else "not run" for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sel['chosen_lr']:g} |")
+    budget = {sel["budget_cpu_s"] for sel in selection.values()}
+    return ("\n".join(lines) + f"\n\nLowest validation bit error within {', '.join(f'{b:g}' for b in budget)} "
+            "CPU s of training (episodes at that point).\n")
+
+
 def stage_table(out: Path, configs, args, selection: dict) -> list[dict]:
     rows = load_reports(out, configs, selection)
     if not rows:
         raise SystemExit(f"no reported runs in {out / 'report'}: run --stage report first")
     markdown, table = make_table(rows, args.thresholds)
+    markdown += "\n" + selection_table({k: v for k, v in selection.items() if k in {c.name for c in configs}})
     (out / "table.md").write_text(markdown)
     (out / "table.json").write_text(json.dumps({"thresholds": args.thresholds, "selection": selection,
                                                 "rows": table}, indent=2, default=str) + "\n")
