@@ -13,6 +13,7 @@ weights w, the plasticity coefficients alpha and the plasticity rate eta that ma
     python -m experiments.pattern_memorization --lstm                # LSTM baseline
     python -m experiments.pattern_memorization --pattern-size 961 --corruption minus-one
     torchrun --standalone --nproc-per-node 2 -m experiments.pattern_memorization --batch-size 8   # 2 processes
+    python -m experiments.pattern_memorization --eval-every 32 --target-error 0.01 --time-budget 600   # to 1%
 
 Outputs (in --out): metrics.json, loss_curve.png, reconstruction.png, checkpoint.pt.
 See docs/experiments/pattern_memorization.md.

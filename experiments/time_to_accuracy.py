@@ -266,6 +266,8 @@ def plot(rows: list[dict], thresholds, path: Path, title: str) -> None:
                         lw=0)
     for t in thresholds:
         ax.axhline(100 * t, color="0.4", ls="--", lw=0.8)
+        ax.annotate(f"{100 * t:g}%", (1.0, 100 * t), xycoords=("axes fraction", "data"), xytext=(2, 0),
+                    textcoords="offset points", va="center", fontsize=8, color="0.3")
     ax.set_yscale("log")
     ax.set_xlabel("training time (CPU seconds of one thread; evaluation excluded)")
     ax.set_ylabel("held-out bit error (%)")
