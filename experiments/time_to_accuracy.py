@@ -260,7 +260,7 @@ def plot(rows: list[dict], thresholds, path: Path, title: str) -> None:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns, past every seed's end
             med, lo, hi = np.nanmedian(stack, 0), np.nanmin(stack, 0), np.nanmax(stack, 0)
         color = f"C{i}"
-        label = f"{row['config']} (lr {row['lr']:g}, {len(curves)} seeds)"
+        label = f"{row['config']} (lr {row['lr']:g}, {len(curves)} seed{'' if len(curves) == 1 else 's'})"
         ax.plot(grid, 100 * np.maximum(med, floor), color=color, lw=1.6, label=label)
         ax.fill_between(grid, 100 * np.maximum(lo, floor), 100 * np.maximum(hi, floor), color=color, alpha=0.18,
                         lw=0)
