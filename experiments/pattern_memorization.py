@@ -13,6 +13,7 @@ weights w, the plasticity coefficients alpha and the plasticity rate eta that ma
     python -m experiments.pattern_memorization --lstm                # LSTM baseline
     python -m experiments.pattern_memorization --pattern-size 961 --corruption minus-one
     torchrun --standalone --nproc-per-node 2 -m experiments.pattern_memorization --batch-size 8   # 2 processes
+    python -m experiments.pattern_memorization --eval-every 32 --target-error 0.01 --time-budget 600   # to 1%
 
 Outputs (in --out): metrics.json, loss_curve.png, reconstruction.png, checkpoint.pt.
 See docs/experiments/pattern_memorization.md.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -203,17 +205,173 @@ def evaluate(model, cfg: EpisodeConfig, episodes: int, seed: int, batch: int, de
     return torch.cat(losses).mean().item(), torch.cat(errors).mean().item(), first
 
 
+# ---------------------------------------------------------------------------------------------
+# Time to accuracy: training clocks, a held-out curve, early stop and budget
+
+
+# A resumed curve must be measured on the same episodes at the same interval.
+CURVE_FIELDS = ("eval_every", "curve_episodes", "curve_seed")
+
+
+class TimeToAccuracy:
+    """What a time-to-accuracy measurement needs from a run, kept out of the training loop itself.
+
+    - The training clock: wall-clock and process CPU time of the training steps only (evaluation,
+      checkpoints and the progress bar are outside it). With --threads 1 the CPU time is that of the
+      one thread, which load from other processes on a shared machine barely changes.
+    - The held-out curve: loss and bit error on a FIXED set of `curve_episodes` episodes drawn from
+      `curve_seed` (distinct from the final test's `eval_seed`), before training and then every
+      `eval_every` training episodes; its own time is counted apart.
+    - The stop rules: `target_error` reached on the curve, or `time_budget` seconds of training spent
+      (on the clock `budget_clock`).
+    Everything is in the checkpoint, so a resumed run goes on with the same clocks and curve.
+    """
+
+    def __init__(self, args, cfg: EpisodeConfig, device):
+        self.args, self.cfg, self.device = args, cfg, device
+        self.train_cpu_s = 0.0
+        self.eval_wall_s = 0.0
+        self.eval_cpu_s = 0.0
+        self.curve = {"episodes": [], "train_wall_s": [], "train_cpu_s": [], "loss": [], "bit_error": []}
+        self._cpu0 = None
+        self.loadavg_start = os.getloadavg()  # the machine's load, for the record (the CPU clock resists it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.args.eval_every > 0
+
+    def step_started(self) -> None:
+        self._cpu0 = time.process_time()
+
+    def step_ended(self) -> None:
+        self.train_cpu_s += time.process_time() - self._cpu0
+
+    def measure(self, model, episodes: int, train_wall_s: float) -> None:
+        """One point of the curve, after `episodes` training episodes; its cost goes to the eval clocks."""
+        w0, c0 = time.perf_counter(), time.process_time()
+        impl = getattr(getattr(model, "rnn", None), "impl", None)
+        if impl is not None and self.args.curve_impl == "fused":
+            model.rnn.impl = "fused"  # the same function, only cheaper to evaluate than the reference
+        try:
+            loss, err, _ = evaluate(model, self.cfg, self.args.curve_episodes, self.args.curve_seed,
+                                    self.args.eval_batch, self.device)
+        finally:
+            if impl is not None:
+                model.rnn.impl = impl
+        self.eval_wall_s += time.perf_counter() - w0
+        self.eval_cpu_s += time.process_time() - c0
+        for key, value in (("episodes", episodes), ("train_wall_s", train_wall_s), ("train_cpu_s", self.train_cpu_s),
+                           ("loss", loss), ("bit_error", err)):
+            self.curve[key].append(value)
+
+    def maybe_measure(self, model, episodes: int, batch: int, train_wall_s: float) -> None:
+        """Measure when the last step crossed a multiple of eval_every (or before the first step)."""
+        if not self.enabled or (self.curve["episodes"] and self.curve["episodes"][-1] == episodes):
+            return
+        if episodes == 0 or episodes // self.args.eval_every > (episodes - batch) // self.args.eval_every:
+            self.measure(model, episodes, train_wall_s)
+
+    def stop_reason(self, train_wall_s: float) -> str | None:
+        """'target' or 'budget' when the run should stop now, else None (checked again after a resume)."""
+        a = self.args
+        if a.target_error is not None and self.curve["bit_error"] and self.curve["bit_error"][-1] <= a.target_error:
+            return "target"
+        spent = self.train_cpu_s if a.budget_clock == "cpu" else train_wall_s
+        if a.time_budget is not None and spent >= a.time_budget:
+            return "budget"
+        return None
+
+    def state_dict(self) -> dict:
+        return {"fields": {k: getattr(self.args, k) for k in CURVE_FIELDS}, "train_cpu_s": self.train_cpu_s,
+                "eval_wall_s": self.eval_wall_s, "eval_cpu_s": self.eval_cpu_s, "curve": self.curve}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:  # a checkpoint from before these clocks: only an unmeasured curve can go on
+            if self.enabled:
+                raise SystemExit("--resume: the checkpoint has no held-out curve; resume without --eval-every")
+            return
+        if self.enabled or state["curve"]["episodes"]:
+            mismatch = {k: (getattr(self.args, k), v) for k, v in state["fields"].items()
+                        if getattr(self.args, k) != v}
+            if mismatch:
+                detail = ", ".join(f"--{k.replace('_', '-')} {new!r} (checkpoint: {old!r})"
+                                   for k, (new, old) in mismatch.items())
+                raise SystemExit(f"--resume: the checkpoint's held-out curve was measured otherwise: {detail}")
+        self.train_cpu_s, self.eval_wall_s, self.eval_cpu_s = (state["train_cpu_s"], state["eval_wall_s"],
+                                                                state["eval_cpu_s"])
+        self.curve = state["curve"]
+
+    def metrics(self, stop: str) -> dict:
+        a = self.args
+        return {"train_cpu_s": self.train_cpu_s, "eval_wall_s": self.eval_wall_s, "eval_cpu_s": self.eval_cpu_s,
+                "eval_every": a.eval_every, "curve_episodes": a.curve_episodes, "curve_seed": a.curve_seed,
+                "curve_impl": a.curve_impl,
+                "target_error": a.target_error, "time_budget": a.time_budget, "budget_clock": a.budget_clock,
+                "stop": stop, "loadavg_start": self.loadavg_start, "loadavg_end": os.getloadavg(),
+                "curve": self.curve}
+
+
+def print_time_to_accuracy(tta: TimeToAccuracy, stop: str, train_wall_s: float) -> None:
+    print(f"training: {train_wall_s:.1f} s wall-clock, {tta.train_cpu_s:.1f} s CPU; stopped by "
+          + {"episodes": "--episodes", "target": "--target-error", "budget": "--time-budget"}[stop])
+    if tta.enabled:
+        c = tta.curve
+        print(f"held-out curve ({tta.args.curve_episodes} episodes, seed {tta.args.curve_seed}): {len(c['episodes'])} "
+              f"points, last {100 * c['bit_error'][-1]:.2f}% bit error at {c['episodes'][-1]} episodes; measuring it "
+              f"took {tta.eval_wall_s:.1f} s wall-clock, {tta.eval_cpu_s:.1f} s CPU (not in the training clock)")
+
+
+def add_time_to_accuracy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("time to accuracy (held-out curve, early stop, budget)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="measure the held-out curve every this many training episodes (0: no curve)")
+    g.add_argument("--curve-episodes", type=int, default=50, help="fixed held-out episodes of the curve")
+    g.add_argument("--curve-seed", type=int, default=4321,
+                   help="seed of the curve's episodes (must differ from --eval-seed, the final test's)")
+    g.add_argument("--curve-impl", choices=("train", "fused"), default="train",
+                   help="implementation that measures the curve: the one trained, or the fused op (the same "
+                        "function, much cheaper than the reference's forward; outside the training clock)")
+    g.add_argument("--target-error", type=float, default=None,
+                   help="stop once the curve's bit error is at most this (a fraction: 0.01 is 1%%)")
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="stop once the training steps have taken this many seconds (on --budget-clock)")
+    g.add_argument("--budget-clock", choices=("cpu", "wall"), default="cpu",
+                   help="clock of --time-budget: process CPU time or wall-clock of the training steps")
+
+
+def check_time_to_accuracy_args(p: argparse.ArgumentParser, args) -> None:
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.curve_episodes < 1:
+        p.error(f"--curve-episodes must be at least 1, got {args.curve_episodes}")
+    if args.curve_seed == args.eval_seed:
+        p.error(f"--curve-seed must differ from --eval-seed (both {args.eval_seed}): the final test's episodes "
+                "must stay unseen")
+    if args.curve_impl == "fused" and args.eval_every and not plastic_ops.extension_available():
+        p.error("--curve-impl fused needs the compiled extension of plastic_ops")
+    if args.target_error is not None:
+        if not 0.0 <= args.target_error < 1.0:
+            p.error(f"--target-error must be in [0, 1), got {args.target_error}")
+        if args.eval_every == 0:
+            p.error("--target-error needs the held-out curve: give --eval-every")
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error(f"--time-budget must be positive, got {args.time_budget}")
+
+
 def run_fields(args) -> dict:
     return {k: getattr(args, k) for k in RUN_FIELDS}
 
 
-def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distributed | None = None):
-    """The training loop; returns (history, training seconds). Everything it needs is in the checkpoint.
+def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distributed | None = None,
+          tta: TimeToAccuracy | None = None):
+    """The training loop; returns (history, training seconds, why it stopped: "episodes", "target" or
+    "budget"). Everything it needs is in the checkpoint; `tta` keeps the CPU clock and the held-out curve.
 
     Under torchrun every process draws the same global batch and trains on its share of the episodes
     (DDP averages the gradients); the logged loss and bit error are the global batch's means.
     """
     dist = dist or Distributed()
+    tta = tta or TimeToAccuracy(args, cfg, device)
     net = dist.wrap(model)  # forward/backward through DDP; the state dicts are the plain model's
     mine = dist.shard(args.batch_size) if dist.enabled else None
     ckpt = CheckpointManager(results.file("checkpoint.pt"),
@@ -234,13 +392,21 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distri
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         history, step, elapsed = state["history"], state["step"], state["elapsed"]
+        tta.load_state_dict(state.get("time_to_accuracy"))
         print(f"Resuming from {ckpt.path} at episode {step * args.batch_size}")
 
     total_steps = math.ceil(args.episodes / args.batch_size)
 
     def make_state():
         return {"run": run_fields(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(), "history": history, "step": step, "elapsed": elapsed}
+                "generator": gen.get_state(), "history": history, "step": step, "elapsed": elapsed,
+                "time_to_accuracy": tta.state_dict()}
+
+    def should_stop():  # rank 0 measures the curve and decides; every process stops on the same step
+        if dist.is_main:
+            tta.maybe_measure(model, step * args.batch_size, args.batch_size, elapsed)
+        reason = tta.stop_reason(elapsed) if dist.is_main else None
+        return dist.broadcast(reason) if dist.enabled and (tta.enabled or args.time_budget) else reason
 
     bar = progress_bar(total=total_steps * args.batch_size, initial=step * args.batch_size, unit="ep",
                        desc=f"{args.model}/{args.impl if args.model != 'lstm' else 'torch'}",
@@ -248,9 +414,11 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distri
     tail = max(1, 50 // args.batch_size)  # a resumed bar goes on from the running averages it showed
     run_loss = float(np.mean(history["loss"][-tail:])) if history["loss"] else None
     run_err = float(np.mean(history["bit_error"][-tail:])) if history["bit_error"] else None
+    stop = should_stop()  # the curve's first point, before training (or a resumed run already done)
     with ckpt.catch_interrupt():
-        while step < total_steps:
+        while step < total_steps and stop is None:
             t0 = time.perf_counter()
+            tta.step_started()
             ep = make_episodes(args.batch_size, cfg, gen)  # the global batch, the same on every process
             inputs, target = (ep.inputs, ep.target) if mine is None else (ep.inputs[:, mine], ep.target[mine])
             out = net(inputs.to(device))
@@ -264,7 +432,9 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distri
             else:
                 loss_v, err_v = loss.mean().item(), err.mean().item()  # .item() syncs, so the timing is honest
             elapsed += time.perf_counter() - t0
+            tta.step_ended()
             step += 1
+            stop = should_stop()
             history["episodes"].append(step * args.batch_size)
             history["loss"].append(loss_v)
             history["bit_error"].append(err_v)
@@ -285,7 +455,7 @@ def train(args, model, optimizer, cfg, device, results: ResultsDir, dist: Distri
     bar.close()
     if dist.is_main:
         ckpt.save(make_state())  # the finished run: --resume with a larger --episodes continues it
-    return history, elapsed
+    return history, elapsed, stop or "episodes"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +569,9 @@ def parse_args(argv=None):
                    help="seed of the held-out episodes (fixed, so every run is tested on the same ones)")
     t.add_argument("--eval-batch", type=int, default=20, help="episodes per forward pass in the final test")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_time_to_accuracy_args(p)
     args = p.parse_args(argv)
+    check_time_to_accuracy_args(p, args)
 
     for name in ("pattern_size", "num_patterns", "cycles", "pres_steps", "test_steps", "episodes", "batch_size",
                  "checkpoint_every", "eval_episodes", "eval_batch"):
@@ -451,8 +623,9 @@ def run(args, dist: Distributed, device) -> dict | None:
           f"T={cfg.steps} steps per episode, batch {args.batch_size}, device {device}"
           + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""))
 
+    tta = TimeToAccuracy(args, cfg, device)
     try:
-        history, elapsed = train(args, model, optimizer, cfg, device, results, dist)
+        history, elapsed, stop = train(args, model, optimizer, cfg, device, results, dist, tta)
     except StopRequested:
         print(f"Stopped; checkpoint saved in {results.path}. Continue with the same command plus --resume.")
         return None
@@ -478,6 +651,7 @@ def run(args, dist: Distributed, device) -> dict | None:
         "final_train_loss": final_loss, "final_train_bit_error": final_err,
         "eval": {"episodes": args.eval_episodes, "seed": args.eval_seed, "loss": eval_loss, "bit_error": eval_err},
         "wall_clock_s": elapsed, "episodes_per_s": eps_per_s,
+        "time_to_accuracy": tta.metrics(stop),
         "eta": model.rnn.eta.item() if args.model != "lstm" else None,
         "args": vars(args), "history": history,
     }
@@ -493,6 +667,7 @@ def run(args, dist: Distributed, device) -> dict | None:
     print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print(f"(final loss: training MSE per bit over the last {tail * args.batch_size} episodes; held-out: "
           f"{args.eval_episodes} fresh episodes, seed {args.eval_seed})")
+    print_time_to_accuracy(tta, stop, elapsed)
     print(f"Results in {results.path}: metrics.json, loss_curve.png, reconstruction.png, checkpoint.pt")
     return metrics
 
