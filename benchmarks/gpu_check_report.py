@@ -157,31 +157,6 @@ def paths_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def cuda_kernels_registered() -> Optional[bool]:
-    """Whether the extension registered CUDA kernels for its four ops (None when torch cannot be asked)."""
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"plastic_ops::{form}_{part}", "CUDA")
-                   for form in ("plastic_linear", "plastic_rnn") for part in ("forward", "backward"))
-    except Exception:
-        return None
-
-
-def summarize(results: List[dict]) -> dict:
-    bad = [r for r in results if not r["ok"]]
-    per_dtype = {}
-    for dt in sorted({r["dtype"] for r in results}):
-        rs = [r for r in results if r["dtype"] == dt]
-        w = max(rs, key=lambda r: r["worst"])
-        m = max(rs, key=lambda r: r["worst_of_tolerance"])
-        per_dtype[dt] = {"cases": len(rs), "mismatches": sum(not r["ok"] for r in rs), "worst": w["worst"],
-                         "worst_case": w["case"], "worst_tensor": w["worst_tensor"], "tolerance": TOLERANCE[dt],
-                         "worst_of_tolerance": m["worst_of_tolerance"], "closest_case": m["case"]}
-    worst = max(results, key=lambda r: r["worst"]) if results else None
-    return {"cases": len(results), "mismatches": len(bad), "errors": sum("error" in r for r in results),
-            "worst": worst["worst"] if worst else None, "worst_case": worst["case"] if worst else None,
-            "per_dtype": per_dtype}
-
-
 def plain_verdict(rc: int) -> Tuple[str, str]:
     return ("pass", "exit status 0") if rc == 0 else ("FAIL", f"exit status {rc}")
 
