@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -67,12 +66,6 @@ def _run_bounded(cmd, timeout, **kw) -> subprocess.CompletedProcess:
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # (layer, alpha shape, rule, learned eta): every alpha shape, both forms, both rules
@@ -153,9 +146,10 @@ def _check_global_batchnorm(rank, world) -> dict:
     return {"buffers": sorted(n for n, _ in net.named_buffers())}
 
 
-def _grad_worker(rank, world, port, result_dir):
+def _grad_worker(rank, world, store_file, result_dir):
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no TCP port to pick in advance, which another process could take first
+    tdist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         report = {"plastic_op": _check_plastic_op(rank, world), "batchnorm": _check_global_batchnorm(rank, world)}
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -169,7 +163,7 @@ def test_ddp_gradients_match_one_process(tmp_path):
       learned eta, the bias, through the outputs and the final trace, before and after DDP rebuilds its
       gradient buckets, with no gradient-layout warning;
     - GlobalBatchNorm (the CPU batch norm over the global batch): gradients and running statistics."""
-    mp.spawn(_grad_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0] == reports[1] and len(reports[0]["plastic_op"]) == len(GRAD_CASES)
     assert "1.running_var" in reports[0]["batchnorm"]["buffers"]
