@@ -67,14 +67,15 @@ LOG_EPS = 1e-8  # the plastic layer returns probabilities: clamp before the log 
 PROTOCOL_DEFAULTS = {
     "paper": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=0),
     "paper-sequence": dict(epochs=250, lr=1e-3, schedule="constant", eval_subset=0),
-    "batched": dict(epochs=5, lr=2e-3, schedule="cosine", eval_subset=0),
+    # batched: B = 8 streams and 3 epochs, chosen on validation (docs/experiments/classification.md)
+    "batched": dict(epochs=3, lr=2e-3, schedule="cosine", eval_subset=0),
 }
 SYNTHETIC_VAL_IMAGES = 50  # --synthetic: the validation images carved out of the synthetic training set
 # Options that change the results: a checkpoint is only resumed under the same values.
 RESULT_KEYS = ("protocols", "models", "dataset", "synthetic", "train_limit", "test_limit", "val_images", "seed",
                "channels",
                "hidden", "eta", "alpha", "paper_images", "streams", "seq_len", "epochs", "lr", "schedule",
-               "eval_subset", "plastic_test")
+               "eval_subset", "plastic_test", "curve_every", "curve_images", "stop_at_acc", "time_budget")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -216,6 +217,11 @@ def evaluate(model, images, labels, device, seq_len: int, modes) -> dict:
 
 # -------------------------------------------------------------------------------------------- training
 
+def seq_len_of(args, protocol: str) -> int:
+    """T of a protocol's sequences, in training and in the "reset" evaluation."""
+    return args.seq_len if protocol == "batched" else args.paper_images
+
+
 def learning_rate(args, step: int, total: int) -> float:
     if args.schedule == "cosine":  # from lr down to lr / 20, a function of the step so resume needs no state
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1))))
@@ -241,12 +247,20 @@ class Run:
         self.best = {"epoch": None, "acc": None, "model": None}
         self.train_seconds = self.eval_seconds = 0.0
         self.cpu_seconds = 0.0  # process CPU time (all threads): less sensitive than wall-clock to a busy machine
+        # time to accuracy (--curve-every): validation accuracy against the training clocks alone
+        self.train_cpu_seconds = 0.0  # process CPU time of the training steps, evaluations excluded
+        self.curve = {"opt_steps": [], "images": [], "train_cpu_s": [], "train_wall_s": [], "acc": [],
+                      "eval_cpu_s": 0.0}
+        self.images_seen = 0
+        self.stop_reason = None  # "target" or "budget" once training stops early
 
     def state(self) -> dict:
         return {"protocol": self.protocol, "name": self.name, "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(), "step": self.step, "opt_steps": self.opt_steps,
                 "history": self.history, "best": self.best, "train_seconds": self.train_seconds,
-                "eval_seconds": self.eval_seconds, "cpu_seconds": self.cpu_seconds}
+                "eval_seconds": self.eval_seconds, "cpu_seconds": self.cpu_seconds,
+                "train_cpu_seconds": self.train_cpu_seconds, "curve": self.curve, "images_seen": self.images_seen,
+                "stop_reason": self.stop_reason}
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -255,6 +269,33 @@ class Run:
         self.opt_steps, self.best = state["opt_steps"], state["best"]
         self.train_seconds, self.eval_seconds = state["train_seconds"], state["eval_seconds"]
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
+        self.train_cpu_seconds = state.get("train_cpu_seconds", 0.0)
+        self.curve = state.get("curve", self.curve)
+        self.images_seen, self.stop_reason = state.get("images_seen", 0), state.get("stop_reason")
+
+    def trained(self, wall: float, cpu: float, images: int, args, curve_data) -> None:
+        """Book one training unit (an image or a step) on the training clocks; at every --curve-every
+        optimizer steps, a point of the time-to-accuracy curve, whose evaluation stays off those clocks.
+        Sets stop_reason when --stop-at-acc is reached or --time-budget is spent."""
+        self.train_seconds += wall
+        self.train_cpu_seconds += cpu
+        self.images_seen += images
+        if args.time_budget and self.train_cpu_seconds >= args.time_budget:
+            self.stop_reason = "budget"
+        if not args.curve_every or self.opt_steps % args.curve_every or not self.dist.is_main:
+            return
+        c0 = time.process_time()
+        mode = self.select_mode
+        results = evaluate(self.model, *curve_data, self.device, seq_len_of(args, self.protocol),
+                           [mode] if mode != "plain" else ())
+        acc = results[mode][1]
+        for key, value in (("opt_steps", self.opt_steps), ("images", self.images_seen),
+                           ("train_cpu_s", self.train_cpu_seconds), ("train_wall_s", self.train_seconds),
+                           ("acc", acc)):
+            self.curve[key].append(value)
+        self.curve["eval_cpu_s"] += time.process_time() - c0
+        if args.stop_at_acc is not None and acc >= args.stop_at_acc:
+            self.stop_reason = "target"
 
     def _optimize(self, loss) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -328,29 +369,33 @@ def _tick(ckpt, save, stop_after, counter, dist: Distributed | None = None) -> N
 
 def train_paper(run, args, data, ckpt, save, make_state, counter):
     """paper: P images one at a time, a step per image; paper-sequence: the P images as one sequence, one step."""
-    train_x, train_y, eval_x, eval_y = data
+    train_x, train_y, eval_x, eval_y, curve_data = data
     P = args.paper_images
     bar = _bar(args, total=args.epochs, initial=run.step, desc=f"{run.protocol}/{run.name}", unit="epoch")
-    while run.step < args.epochs:
+    while run.step < args.epochs and run.stop_reason is None:
         epoch = run.step
         c0 = time.process_time()
         idx = torch.randperm(len(train_x), generator=epoch_generator(args.seed, epoch))[:P]
         lr = learning_rate(args, epoch, args.epochs)
-        t0 = time.perf_counter()
         if run.protocol == "paper":
             # the trace starts from zero each epoch and is carried from image to image
             trace, losses = None, []
             for i in idx:
+                t0, u0 = time.perf_counter(), time.process_time()
                 loss_i, trace = run.train_image(train_x[i], train_y[i], trace, lr)
+                run.trained(time.perf_counter() - t0, time.process_time() - u0, 1, args, curve_data)
                 losses.append(loss_i)
+                if run.stop_reason is not None:  # an early stop ends the epoch here
+                    break
             loss = sum(losses) / len(losses)
         else:
             # one stream of P images fed in order: T = P, B = 1; the trace is carried through all of them
+            t0, u0 = time.perf_counter(), time.process_time()
             loss = run.train_step(train_x[idx].unsqueeze(1), train_y[idx].unsqueeze(1), lr)
+            run.trained(time.perf_counter() - t0, time.process_time() - u0, P, args, curve_data)
         t1 = time.perf_counter()
         results = evaluate(run.model, eval_x, eval_y, run.device, P, args.plastic_test)
         run.eval_seconds += time.perf_counter() - t1
-        run.train_seconds += t1 - t0
         run.step += 1
         run.record(run.step, loss, results)
         run.cpu_seconds += time.process_time() - c0
@@ -362,7 +407,7 @@ def train_paper(run, args, data, ckpt, save, make_state, counter):
 
 
 def train_batched(run, args, data, ckpt, save, make_state, counter):
-    train_x, train_y, eval_x, eval_y = data
+    train_x, train_y, eval_x, eval_y, curve_data = data
     B, T = args.streams, args.seq_len
     per_step = B * T
     steps_per_epoch = -(-len(train_x) // per_step)
@@ -370,7 +415,7 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
     bar = _bar(args, total=total, initial=run.step, desc=f"batched/{run.name}", unit="step")
     # per step: (mean loss, images); kept in the history so a resumed epoch still averages all its steps
     steps = run.history.setdefault("step_loss", [])
-    while run.step < total:
+    while run.step < total and run.stop_reason is None:
         epoch, k = divmod(run.step, steps_per_epoch)
         perm = torch.randperm(len(train_x), generator=epoch_generator(args.seed, epoch))
         chunk = perm[k * per_step:(k + 1) * per_step]
@@ -384,16 +429,19 @@ def train_batched(run, args, data, ckpt, save, make_state, counter):
             labels = train_y[chunk].reshape(b, T).t()
             loss = run.train_step(images, labels, learning_rate(args, run.step, total))
         steps.append((loss, len(chunk)))
-        run.train_seconds += time.perf_counter() - t0
         run.step += 1
+        run.trained(time.perf_counter() - t0, time.process_time() - c0, len(chunk), args, curve_data)
         bar.update(1)
-        if run.step % steps_per_epoch == 0 and run.dist.is_main:  # rank 0 alone tests and records
+        # rank 0 alone tests and records, after every epoch and after an early stop within one
+        if (run.step % steps_per_epoch == 0 or run.stop_reason is not None) and run.dist.is_main:
             t1 = time.perf_counter()
             results = evaluate(run.model, eval_x, eval_y, run.device, T, args.plastic_test)
             run.eval_seconds += time.perf_counter() - t1
-            this = [(l, c) for l, c in steps[run.step - steps_per_epoch:run.step] if c]
+            this = [(l, c) for l, c in steps[epoch * steps_per_epoch:run.step] if c]
             train_loss = sum(l * c for l, c in this) / max(sum(c for _, c in this), 1)
-            run.record(run.step // steps_per_epoch, train_loss, results)
+            # a partial epoch (early stop) is recorded as a fraction
+            run.record(run.step // steps_per_epoch if run.step % steps_per_epoch == 0
+                       else round(run.step / steps_per_epoch, 3), train_loss, results)
             bar.set_postfix(_postfix(train_loss, results))
         elif len(chunk):
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -435,6 +483,8 @@ def summarize(run, args, final: dict, selected: dict, wall: float) -> dict:
            # 4 decimals: a short run must not round to 0 s
            "train_seconds": round(run.train_seconds, 4), "eval_seconds": round(run.eval_seconds, 4),
            "wall_seconds": round(wall, 4), "cpu_seconds": round(run.cpu_seconds, 4), "history": run.history,
+           "train_cpu_seconds": round(run.train_cpu_seconds, 4), "images_seen": run.images_seen,
+           "stop_reason": run.stop_reason, "curve": run.curve,
            "parameters": sum(p.numel() for p in run.model.parameters())}
     if run.model.plastic:
         out["eta"] = float(run.model.out.eta.detach())
@@ -544,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate after each epoch on the first N validation images, 0 = all (default 0); the "
                         "test figures always use the whole test set")
     p.add_argument("--paper-images", type=int, default=100, help="paper protocols: images per epoch (B = 1)")
-    p.add_argument("--streams", type=int, default=16, help="batched protocol: B parallel streams")
+    p.add_argument("--streams", type=int, default=8, help="batched protocol: B parallel streams")
     p.add_argument("--seq-len", type=int, default=10, help="batched protocol: T images per sequence")
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), metavar=("C1", "C2"),
                    help="channels of the two convolutions")
@@ -557,6 +607,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the whole test set in order, or both")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="save a checkpoint every N epochs (paper protocols) / steps (batched) (default: 10 / 50)")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="time to accuracy: every N optimizer steps, the validation accuracy on --curve-images "
+                        "images against the training clocks (evaluation time excluded, reported apart); 0: off")
+    p.add_argument("--curve-images", type=int, default=2000,
+                   help="the first N validation images, for --curve-every")
+    p.add_argument("--stop-at-acc", type=float, default=None,
+                   help="stop training a model once a --curve-every point reaches this validation accuracy")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="stop training a model after this many CPU seconds of training steps (0: no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tiny fake data, for tests
     p.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # simulate Ctrl-C, for tests
@@ -582,6 +641,16 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if args.curve_every < 0:
+        parser.error("--curve-every must be >= 0")
+    if args.curve_images < 1:
+        parser.error("--curve-images must be >= 1")
+    if args.stop_at_acc is not None and not (0.0 < args.stop_at_acc <= 1.0):
+        parser.error("--stop-at-acc must be an accuracy in (0, 1]")
+    if args.stop_at_acc is not None and not args.curve_every:
+        parser.error("--stop-at-acc needs --curve-every (the accuracy is read at the curve's points)")
+    if not math.isfinite(args.time_budget) or args.time_budget < 0:
+        parser.error("--time-budget must be a finite number of seconds >= 0")
     if "plastic" in args.models and args.impl == "fused" and not plastic_ops.extension_available():
         parser.error("--impl fused needs the compiled extension (plastic_ops._C), which is not built; "
                      "build it or pass --impl reference")
@@ -613,6 +682,9 @@ def main(argv=None) -> dict:
                 raise SystemExit("error: the paper protocols train a single stream (B = 1), which cannot be "
                                  "shared by several processes: run them without torchrun, or use --protocol batched")
             dist.check_divisible(args.streams, "--streams")
+            if args.curve_every or args.time_budget:
+                raise SystemExit("error: --curve-every, --stop-at-acc and --time-budget measure one process's "
+                                 "clock: run them without torchrun")
             args.no_progress = args.no_progress or not dist.is_main  # one progress bar, rank 0's
         return run_all(args, argv, dist, device)
 
@@ -649,7 +721,9 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                 # the per-epoch evaluation, model selection's, sees validation images only
                 eval_x, eval_y = ((val_x[:pa.eval_subset], val_y[:pa.eval_subset]) if pa.eval_subset
                                   else (val_x, val_y))
-                data = (train_x, train_y, eval_x, eval_y)
+                # the time-to-accuracy curve's images: the first --curve-images validation images
+                curve_data = (val_x[:args.curve_images], val_y[:args.curve_images])
+                data = (train_x, train_y, eval_x, eval_y, curve_data)
                 for name in args.models:
                     key = f"{protocol}/{name}"
                     if key in done:
@@ -675,7 +749,7 @@ def run_all(args, argv, dist: Distributed, device) -> dict:
                     if not dist.is_main:  # rank 0 alone tests and writes
                         continue
                     t0, c0 = time.perf_counter(), time.process_time()
-                    T = pa.seq_len if protocol == "batched" else pa.paper_images
+                    T = seq_len_of(pa, protocol)
                     # the test set, once at the last epoch and once at the epoch selected on validation
                     final = evaluate(run.model, test_x, test_y, device, T, args.plastic_test)
                     torch.save(run.model.state_dict(), out.file(f"model_{protocol}_{name}.pt"))
