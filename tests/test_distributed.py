@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -225,7 +226,7 @@ def two_processes(tmp_path_factory):
             ("experiments.denoising_autoencoder", DAE + ["--out", str(out["dae"])], None)]
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(driver), str(REPO), json.dumps(runs)]
@@ -240,7 +241,9 @@ def _metrics(folder):
 
 
 def test_launch_ran_everything_on_both_ranks(two_processes):
-    lines = [line.split() for line in two_processes["log"].splitlines() if line.startswith("RESULT")]
+    # the ranks share one stdout pipe, so a record may follow another rank's unfinished line: search the
+    # whole log, not line starts
+    lines = re.findall(r"(RESULT) ([01]) (experiments\.\w+) (done|stopped)", two_processes["log"])
     assert len(lines) == 8 and {(r, m) for _, r, m, _ in lines} == {
         (r, m) for r in "01" for m in ("experiments.pattern_memorization", "experiments.classification",
                                        "experiments.denoising_autoencoder")}
@@ -292,7 +295,7 @@ def test_denoising_two_processes_match_one(two_processes, tmp_path):
 
 def test_bad_split_is_refused(tmp_path):
     """A global batch the processes cannot share equally: a clear error from every rank, no hang."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "experiments.pattern_memorization", "--batch-size", "3", "--out", str(tmp_path)]
     proc = _run_bounded(cmd, 120, cwd=REPO, env=env)
