@@ -5,6 +5,7 @@
     python -m benchmarks.cuda_vs_reference --device cpu --quick             # a smaller matrix on the CPU kernels
     python -m benchmarks.cuda_vs_reference --device cuda --paths v1,v2      # both CUDA kernel paths, one reference
     python -m benchmarks.cuda_vs_reference --device cuda --only timing --json DIR/paths.json   # both paths timed
+    python -m benchmarks.cuda_vs_reference --device cuda --only timing --graphs   # and each replayed from a graph
 
 Every case runs the fused op (forward and backward) on --device in its dtype, and the reference in float64
 on the CPU on the same inputs (rounded to the case's dtype first), then compares y, the final trace and
@@ -22,7 +23,8 @@ float32. Prints one line per mismatch and a total; exit status 1 when a case mis
 the same reference; each path's results are counted apart ("v1: ...", "v2: ..."). --only timing times
 forward+backward of plastic_rnn (N = 1000, T = 106, tanh, hebb, per-synapse alpha, float32, the default
 memory policy) at B = 1, 8, 32, 128 for each path, interleaved, median of --rounds calls after a warm-up,
-with the peak memory of one call and the largest difference between the paths' results.
+with the peak memory of one call and the largest difference between the paths' results. --graphs adds each
+path captured once into a CUDA graph and replayed ("v2+graph"), which shows what the kernel launches cost.
 """
 from __future__ import annotations
 
@@ -245,14 +247,35 @@ def check_case_paths(case: Case, device: str, paths: Sequence[Optional[str]]) ->
     return results
 
 
+def capture(call, dev: torch.device):
+    """call() captured into a CUDA graph after one warm-up on a side stream; returns (graph, its outputs)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
+GRAPH = "+graph"  # suffix of a path whose forward+backward is replayed from a CUDA graph
+
+
 def time_paths(device: str, paths: Sequence[str], batches: Sequence[int], n: int = 1000, steps: int = 106,
-               rounds: int = 5) -> dict:
+               rounds: int = 5, graphs: bool = False) -> dict:
     """Forward+backward of plastic_rnn on each kernel path: median ms, peak MB, and the paths' largest difference.
 
     The paths run interleaved (one call of each per round) after one warm-up call each, on the same inputs.
+    graphs=True (CUDA only) adds, for each path, the same forward+backward captured once into a CUDA graph
+    and replayed ("v2+graph"): the kernels without the host's launch cost (docs/cuda.md, "Small batches").
     """
     dev = torch.device(device)
     on_cuda = dev.type == "cuda"
+    if graphs and not on_cuda:
+        raise ValueError("graphs=True needs a CUDA device")
+    variants = list(paths) + ([p + GRAPH for p in paths] if graphs else [])
 
     def sync():
         if on_cuda:
@@ -272,51 +295,63 @@ def time_paths(device: str, paths: Sequence[str], batches: Sequence[int], n: int
             grads = torch.autograd.grad((y * gy).sum(), (w, alpha, eta))
             return [y.detach(), *grads]
 
-        times = {p: [] for p in paths}
+        times = {v: [] for v in variants}
         peak = {}
         out = {}
+        run = {}  # variant -> what one timed call runs
         try:
-            for p in paths:  # warm-up, the results kept for the comparison, and the peak memory of one call
-                with kernel_path(p):
+            for v in variants:  # warm-up (or capture), the results kept for the comparison, the peak memory
+                with kernel_path(v.removesuffix(GRAPH)):
                     if on_cuda:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(dev)
                     base = torch.cuda.memory_allocated(dev) if on_cuda else 0
-                    out[p] = call()
+                    if v.endswith(GRAPH):  # the path is read at capture: the graph holds that path's kernels
+                        graph, outputs = capture(call, dev)
+                        graph.replay()
+                        out[v], run[v] = outputs, graph.replay
+                    else:
+                        out[v], run[v] = call(), call
                     sync()
-                    peak[p] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if on_cuda else None
+                    peak[v] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if on_cuda else None
             for _ in range(rounds):
-                for p in paths:
-                    with kernel_path(p):
+                for v in variants:
+                    with kernel_path(v.removesuffix(GRAPH)):
                         sync()
                         t0 = time.perf_counter()
-                        call()
+                        run[v]()
                         sync()
-                        times[p].append(1e3 * (time.perf_counter() - t0))
-            first = out[paths[0]]
+                        times[v].append(1e3 * (time.perf_counter() - t0))
+            first = out[variants[0]]
             diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                       for p in paths[1:] for a, b in zip(out[p], first)) if len(paths) > 1 else 0.0
+                       for v in variants[1:] for a, b in zip(out[v], first)) if len(variants) > 1 else 0.0
             status, error = "ok", None
         except Exception as exc:  # one batch size failing (out of memory, say) leaves the others measured
             diff, status, error = None, "error", f"{type(exc).__name__}: {exc}"[:400]
-        for p in paths:
-            med = statistics.median(times[p]) if times[p] else None
-            rows.append({"B": B, "path": p, "status": status if times[p] else "error", "error": error,
-                         "median_ms": med, "min_ms": min(times[p]) if times[p] else None, "peak_mb": peak.get(p),
-                         "rounds": len(times[p]), "max_rel_diff_between_paths": diff})
-        del u, w, alpha, eta, gy, out
+        for v in variants:
+            med = statistics.median(times[v]) if times[v] else None
+            rows.append({"B": B, "path": v, "status": status if times[v] else "error", "error": error,
+                         "median_ms": med, "min_ms": min(times[v]) if times[v] else None, "peak_mb": peak.get(v),
+                         "rounds": len(times[v]), "max_rel_diff_between_paths": diff})
+        del u, w, alpha, eta, gy, out, run
         if on_cuda:
             torch.cuda.empty_cache()
-    speedup = {}
+    speedup, graph_speedup = {}, {}
     for B in batches:
-        by = {r["path"]: r for r in rows if r["B"] == B}
-        if "v1" in by and "v2" in by and by["v1"]["median_ms"] and by["v2"]["median_ms"]:
-            speedup[str(B)] = by["v1"]["median_ms"] / by["v2"]["median_ms"]
-    return {"what": f"plastic_rnn forward+backward, N={n}, T={steps}, tanh/hebb, alpha per synapse, float32, "
-                    f"default memory policy, median of {rounds} interleaved calls",
+        by = {r["path"]: r["median_ms"] for r in rows if r["B"] == B}
+        if by.get("v1") and by.get("v2"):
+            speedup[str(B)] = by["v1"] / by["v2"]
+        if by.get("v2") and by.get("v2" + GRAPH):
+            graph_speedup[str(B)] = by["v2"] / by["v2" + GRAPH]
+    data = {"what": f"plastic_rnn forward+backward, N={n}, T={steps}, tanh/hebb, alpha per synapse, float32, "
+                    f"default memory policy, median of {rounds} interleaved calls"
+                    + (f"; {GRAPH}: replayed from a CUDA graph" if graphs else ""),
             "device": device, "gpu": torch.cuda.get_device_name(dev) if on_cuda else None,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": list(paths), "rows": rows,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "paths": variants, "rows": rows,
             "speedup_v2_over_v1": speedup}
+    if graphs:
+        data["speedup_graph_over_launches"] = graph_speedup
+    return data
 
 
 def cuda_kernels_registered() -> Optional[bool]:
@@ -361,6 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1000, help="timing: N")
     p.add_argument("--steps", type=int, default=106, help="timing: T")
     p.add_argument("--rounds", type=int, default=5, help="timing: calls per path and batch size")
+    p.add_argument("--graphs", action="store_true",
+                   help="timing: also each path's forward+backward captured into a CUDA graph and replayed (CUDA)")
     a = p.parse_args(argv)
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device")
@@ -370,7 +407,9 @@ def main(argv=None) -> int:
     if not plastic_ops.extension_available():
         print("the compiled extension is not built: every case will fail", file=sys.stderr)
     if a.only == "timing":
-        data = time_paths(a.device, paths or list(PATHS), a.batches, a.n, a.steps, a.rounds)
+        if a.graphs and torch.device(a.device).type != "cuda":
+            p.error("--graphs: CUDA graphs need --device cuda")
+        data = time_paths(a.device, paths or list(PATHS), a.batches, a.n, a.steps, a.rounds, a.graphs)
         print(data["what"])
         print(paths_table(data))
         if a.json:

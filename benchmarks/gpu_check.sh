@@ -13,7 +13,8 @@
 #                on both CUDA kernel paths (PLASTIC_OPS_CUDA_KERNELS=v1 and v2; benchmarks/cuda_vs_reference.py):
 #                number of mismatches and the worst error, per path
 #   paths        forward+backward at N=1000, T=106, B=1, 8, 32, 128 on both kernel paths, side by side, with the
-#                speed-up of v2 over v1 (cuda_vs_reference.py --only timing)
+#                speed-up of v2 over v1, and each path replayed from a CUDA graph (cuda_vs_reference.py --only
+#                timing --graphs)
 #   memcheck     compute-sanitizer memcheck, then racecheck, on two small cases (skipped with a note when
 #   racecheck    compute-sanitizer is absent or cannot attach to the GPU)
 #   tests        the op tests on CUDA (-k cuda; the default path v2, and both paths against the reference), no -x;
@@ -221,8 +222,8 @@ if [ "$DRY_RUN" = "1" ]; then
   run_step paths timing 60 paths.json "$PYTHON" -m benchmarks.cuda_vs_reference --device cpu --only timing \
     --paths v1,v2 --n 24 --steps 5 --batches 1 2 --rounds 2 --json "$WORK/paths.json"
 else
-  run_step paths timing 60 paths.json "$PYTHON" -m benchmarks.cuda_vs_reference --device cuda --only timing \
-    --paths v1,v2 --json "$WORK/paths.json"
+  run_step paths timing 90 paths.json "$PYTHON" -m benchmarks.cuda_vs_reference --device cuda --only timing \
+    --paths v1,v2 --graphs --json "$WORK/paths.json"
 fi
 
 # compute-sanitizer: without the caching allocator every tensor is its own allocation, so memcheck sees
@@ -245,7 +246,8 @@ else
 fi
 
 run_step tests pytest 100 tests.junit.xml "$PYTHON" -m pytest tests/test_op_vs_reference.py \
-  tests/test_gradcheck.py tests/test_registration.py tests/test_cuda_kernel_switch.py -q -rfEs -k "$PYTEST_K" \
+  tests/test_gradcheck.py tests/test_registration.py tests/test_cuda_kernel_switch.py tests/test_cuda_graphs.py \
+  -q -rfEs -k "$PYTEST_K" \
   -o faulthandler_timeout=60 --junitxml "$WORK/tests.junit.xml"
 
 if [ "$DRY_RUN" = "1" ]; then

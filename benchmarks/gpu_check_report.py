@@ -130,7 +130,9 @@ def timing_verdict(rc: int, data: Optional[dict]) -> Tuple[str, str]:
         ms = ", ".join(f"{p} {by[p]['median_ms']:.2f} ms" for p in data.get("paths", [])
                        if by.get(p, {}).get("median_ms"))
         sp = (data.get("speedup_v2_over_v1") or {}).get(str(b))
-        parts.append(f"B={b}: {ms or 'not measured'}" + (f" ({sp:.2f}x)" if sp else ""))
+        gr = (data.get("speedup_graph_over_launches") or {}).get(str(b))
+        parts.append(f"B={b}: {ms or 'not measured'}" + (f" ({sp:.2f}x)" if sp else "")
+                     + (f" (graph {gr:.2f}x)" if gr else ""))
     note = "; ".join(parts) or "nothing measured"
     if not rows or bad or rc != 0:
         return "FAIL", note + (f"; {'; '.join(bad)}" if bad else f" (exit status {rc})")
@@ -138,9 +140,11 @@ def timing_verdict(rc: int, data: Optional[dict]) -> Tuple[str, str]:
 
 
 def paths_table(data: dict) -> str:
-    """Markdown: one row per batch size, the paths side by side and v1 / v2."""
+    """Markdown: one row per batch size, the paths side by side, v1 / v2, and v2 / v2+graph when timed."""
     paths = data["paths"]
-    head = "| B | " + " | ".join(f"{p} ms | {p} MB" for p in paths) + " | v1 / v2 | paths differ by |"
+    graphs = "speedup_graph_over_launches" in data
+    head = ("| B | " + " | ".join(f"{p} ms | {p} MB" for p in paths) + " | v1 / v2 |"
+            + (" v2 / v2+graph |" if graphs else "") + " paths differ by |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for B in sorted({r["B"] for r in data["rows"]}):
         by = {r["path"]: r for r in data["rows"] if r["B"] == B}
@@ -150,10 +154,12 @@ def paths_table(data: dict) -> str:
             ms = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else (r.get("status") or "–")
             mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") is not None else "–"
             cells.append(f"{ms} | {mb}")
-        sp = data["speedup_v2_over_v1"].get(str(B))
+        ratios = [data["speedup_v2_over_v1"].get(str(B))]
+        if graphs:
+            ratios.append(data["speedup_graph_over_launches"].get(str(B)))
         diff = next(iter(by.values())).get("max_rel_diff_between_paths")
-        lines.append(f"| {B} | " + " | ".join(cells) + f" | {f'{sp:.2f}x' if sp else '–'} | "
-                     f"{f'{diff:.1e}' if diff is not None else '–'} |")
+        lines.append(f"| {B} | " + " | ".join(cells) + " | " + " | ".join(f"{x:.2f}x" if x else "–" for x in ratios)
+                     + f" | {f'{diff:.1e}' if diff is not None else '–'} |")
     return "\n".join(lines)
 
 

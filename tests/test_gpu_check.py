@@ -196,6 +196,20 @@ def test_timing_verdicts():
     assert report.timing_verdict(1, None)[0] == "FAIL"
 
 
+def test_timing_with_graphs_reports_the_launch_cost():
+    def row(path, ms):
+        return dict(B=1, path=path, median_ms=ms, status="ok", error=None, peak_mb=10.0,
+                    max_rel_diff_between_paths=0.0)
+    data = {"what": "w", "device": "cuda", "paths": ["v1", "v2", "v1+graph", "v2+graph"],
+            "speedup_v2_over_v1": {"1": 2.0}, "speedup_graph_over_launches": {"1": 4.0},
+            "rows": [row("v1", 4.0), row("v2", 2.0), row("v1+graph", 1.5), row("v2+graph", 0.5)]}
+    status, note = report.timing_verdict(0, data)
+    assert status == "pass" and note.endswith("(2.00x) (graph 4.00x)")
+    table = report.paths_table(data)
+    assert "| v2+graph ms | v2+graph MB | v1 / v2 | v2 / v2+graph | paths differ by |" in table
+    assert "| 1 | 4.00 | 10 | 2.00 | 10 | 1.50 | 10 | 0.50 | 10 | 2.00x | 4.00x | 0.0e+00 |" in table
+
+
 def test_out_layout_limits(tmp_path):
     for i in range(9):
         (tmp_path / f"f{i}.txt").write_text("x")
