@@ -4,6 +4,7 @@ global batch."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import re
@@ -155,6 +156,7 @@ def _grad_worker(rank, world, store_file, result_dir):
         report = {"plastic_op": _check_plastic_op(rank, world), "batchnorm": _check_global_batchnorm(rank, world)}
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(report))
     finally:
+        gc.collect()  # the DDP modules of the checks first (Distributed.close says why)
         tdist.destroy_process_group()
 
 
@@ -176,7 +178,7 @@ def test_ddp_gradients_match_one_process(tmp_path):
 # store keeps the keys of a destroyed group, which a new one would read). A run's third field names the
 # rank that receives SIGINT (what Ctrl-C sends) in its second training step: one process alone asks to stop.
 DRIVER = textwrap.dedent("""
-    import importlib, json, os, signal, sys
+    import gc, importlib, json, os, signal, sys
     import torch.distributed
     sys.path.insert(0, sys.argv[1])
     torch.distributed.init_process_group("gloo")
@@ -199,6 +201,7 @@ DRIVER = textwrap.dedent("""
             if real is not None:
                 mod.episode_loss = real
         print("RESULT", rank, module, "stopped" if result is None else "done", flush=True)
+    gc.collect()  # the experiments' DDP modules before the group ends (Distributed.close says why)
     torch.distributed.destroy_process_group()
 """)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 
 import torch
@@ -68,6 +69,10 @@ class Distributed:
 
     def close(self) -> None:
         if self._owns_group and tdist.is_initialized():
+            # DistributedDataParallel modules no longer used can still wait in reference cycles for the
+            # garbage collector; collected after the group has ended, their teardown could abort the
+            # process at exit ("terminate called without an active exception"). Collect them first.
+            gc.collect()
             tdist.destroy_process_group()
             self._owns_group = False
 
