@@ -49,3 +49,15 @@ sdist-check: sdist
 
 clean:
 	rm -rf build dist plastic_ops/_C*.so plastic_ops/_build_info.json *.egg-info
+
+# Every supported torch release (2.4.1 to 2.14.1), each in a fresh virtual environment and a fresh
+# copy of this tree, built CPU-only and the whole test suite run: the README's "Tested range" table
+# (how: .ci/torch_matrix.py; results/torch-matrix.md also lists the failing tests). Long: one
+# torch install, build and test run after the other.
+.PHONY: torch-matrix test-oldest-torch
+torch-matrix:
+	$(PYTHON) .ci/torch_matrix.py --write-readme --made-by "make torch-matrix"
+
+# The oldest supported torch alone (what CI runs after `make test`); README.md is left as it is.
+test-oldest-torch:
+	$(PYTHON) .ci/torch_matrix.py --torch 2.4.1 --made-by "make test-oldest-torch"
