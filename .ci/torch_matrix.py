@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -40,11 +41,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # (torch, torchvision made for it, numpy requirement).
-# numpy: the torchvision wheels ask for plain `numpy` and torch for none, so pip alone would give
-# every release the newest numpy (2.x). torch 2.4 and 2.5 are capped at numpy<2 anyway: they are
-# the releases from the NumPy 2.0 transition, and the tested range keeps to the numpy their
-# torchvision releases were tested with; from torch 2.6 on, numpy 2 is the tested default.
-# (The check that the cap is needed, and what happens without it: see NUMPY_NOTE below.)
+# numpy: no wheel of these asks for numpy<2 (torch's metadata names no numpy at all, each torchvision's
+# a plain `numpy`), so pip alone gives every release the newest numpy, 2.4.6 as of 2026-12-07. The
+# cap is not needed by torch 2.4.1 or 2.5.1 either: their wheels work with NumPy 2 (torch.from_numpy,
+# Tensor.numpy and torchvision's transforms included), and with numpy 2.4.6 (`--numpy "numpy>=2"`) both passed and failed exactly the same tests as with
+# numpy 1.26.4, with no NumPy warning. Those two legs keep numpy<2 anyway: they test the numpy 1.x
+# that environments of that time still have, while the later legs test numpy 2.
 LEGS = [
     ("2.4.1", "0.19.1", "numpy<2"),
     ("2.5.1", "0.20.1", "numpy<2"),
@@ -53,7 +55,8 @@ LEGS = [
 ]
 PINNED_HERE = {"torch", "torchvision", "numpy"}  # requirements.txt's own lines for these are replaced
 BEGIN, END = "<!-- torch-matrix:begin -->", "<!-- torch-matrix:end -->"
-COPY_SKIP_DIRS = {".venv", "venv", "build", "dist", "results", ".torch-matrix", "__pycache__"}
+# Never copied, even when not ignored: top-level folders of environments and outputs, and caches anywhere.
+COPY_SKIP_TOP = {".venv", "venv", "build", "dist", "results", ".torch-matrix"}
 
 
 def say(msg):
@@ -76,7 +79,8 @@ def tree_files(repo):
     files = []
     for rel in sorted(set(filter(None, out.split("\0")))):
         parts = Path(rel).parts
-        if set(parts[:-1]) & COPY_SKIP_DIRS or rel.endswith((".so", ".o", ".pyc")) or parts[0].endswith(".egg-info"):
+        if (len(parts) > 1 and (parts[0] in COPY_SKIP_TOP or parts[0].endswith(".egg-info")))   \
+                or "__pycache__" in parts or rel.endswith((".so", ".o", ".pyc")):
             continue
         if os.path.lexists(repo / rel):  # a tracked file deleted in the working tree is left out
             files.append(rel)
@@ -247,7 +251,7 @@ def run_leg(leg, args, work, logs):
     marker = venv / ".torch-matrix-installed"  # what a kept environment was made with
     if marker.exists() and marker.read_text() == "\n".join(pkgs):
         say(f"torch {torch_v}: reusing the kept virtual environment {venv}")
-        res["times"]["install"] = 0.0
+        res["times"]["install"] = None  # reused, not installed
     else:
         if venv.exists():
             shutil.rmtree(venv)
@@ -275,8 +279,9 @@ def run_leg(leg, args, work, logs):
         say(f"torch {torch_v}: the installed packages do not import:\n{proc.stderr[-2000:]}")
         res["build"] = "not built: import failed"
         return res
-    say(f"torch {torch_v}: installed torch {res['torch']}, torchvision {res['torchvision']}, numpy {res['numpy']}"
-        f" in {fmt_time(res['times']['install'])}")
+    took = res["times"]["install"]
+    say(f"torch {torch_v}: torch {res['torch']}, torchvision {res['torchvision']}, numpy {res['numpy']}"
+        + (f", installed in {fmt_time(took)}" if took is not None else ""))
 
     say(f"torch {torch_v}: building in place, CPU-only (log: {leg_logs / 'build.log'})")
     env = clean_env(venv)
@@ -345,7 +350,7 @@ def machine():
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model or platform.machine()} ({cores} cores, {platform.machine()}, no GPU used)"
+    return f"{model or platform.processor() or 'an unknown CPU'} ({platform.machine()}, {cores} cores, no GPU used)"
 
 
 def venv_python_version(args):
@@ -355,22 +360,22 @@ def venv_python_version(args):
 
 
 def table(results):
-    rows = ["| torch | torchvision | numpy | build (`PLASTIC_OPS_CPU_ONLY=1 setup.py build_ext --inplace`) "
-            "| tests (`python -m pytest tests`) | wall time (install + build + tests) |",
+    rows = ["| torch | torchvision | numpy | build (CPU-only, in place) | tests (`python -m pytest tests`) "
+            "| wall time (install + build + tests) |",
             "|---|---|---|---|---|---|"]
     for r in results:
         t = r["times"]
-        wall = " + ".join(fmt_time(t[k]) if k in t else "-" for k in ("install", "build", "tests"))
+        wall = " + ".join(("kept" if t[k] is None else fmt_time(t[k])) if k in t else "-"
+                          for k in ("install", "build", "tests"))
         build = r["install"] if r["install"] else r["build"]
         rows.append(f"| {r['torch']} | {r['torchvision']} | {r['numpy']} | {build} | {counts_text(r)} | {wall} |")
     return "\n".join(rows)
 
 
-def header(results, args, made_by):
-    versions = [r["torch_wanted"] for r in results]
+def header(args, made_by):
+    """The sentence above the table: when, where, with which Python, by which command."""
     return (f"On {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} (UTC), on {machine()}, with Python "
-            f"{venv_python_version(args)}, `{made_by}` gave, for torch {', '.join(versions)}, each in a fresh "
-            f"virtual environment and a fresh copy of the source tree:")
+            f"{venv_python_version(args)}, `{made_by}` gave:")
 
 
 def failing_text(results):
@@ -386,20 +391,20 @@ def failing_text(results):
 
 
 def readme_block(results, head, tbl):
-    versions = [r["torch_wanted"] for r in results]
-    oldest = min(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
-    newest = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
-    return f"""{BEGIN}
-Tested range: torch {oldest} to {newest}. The table is the output of `make torch-matrix`
-(`.ci/torch_matrix.py`): for each torch release, a fresh copy of the source tree, a fresh virtual
-environment with that torch, its torchvision and the rest of `requirements.txt`, a CPU-only build in
-place and the whole test suite. {head}
+    versions = sorted((r["torch_wanted"] for r in results), key=lambda v: tuple(int(x) for x in v.split(".")))
+    oldest, newest = versions[0], versions[-1]
+    text = (f"Tested range: torch {oldest} to {newest}, each release in a fresh copy of the source tree and a "
+            "fresh virtual environment with that torch, its torchvision and the rest of `requirements.txt`, "
+            "built CPU-only in place (`PLASTIC_OPS_CPU_ONLY=1 python setup.py build_ext --inplace`), and the "
+            "whole test suite run (`python -m pytest tests`). The table is the output of `make torch-matrix` "
+            f"(`.ci/torch_matrix.py`, which rewrites this paragraph and the table). CI runs the torch {oldest} "
+            f"leg (`make test-oldest-torch`) on every run, after `make test` (torch {newest}), so a change "
+            f"that breaks torch {oldest} fails CI.")
+    return f"{BEGIN}\n{wrap(text)}\n\n{wrap(head)}\n\n{tbl}\n{END}"
 
-{tbl}
 
-CI runs the torch {oldest} leg (`make test-oldest-torch`) on every run, after `make test` (torch
-{newest}), so a change that breaks the oldest supported torch fails CI.
-{END}"""
+def wrap(text):
+    return textwrap.fill(text, 100, break_on_hyphens=False, break_long_words=False)
 
 
 def write_readme(path, block):
@@ -460,7 +465,7 @@ def main(argv=None):
                 say(f"torch {leg[0]}: removing {tmp}")
     say(f"all legs done in {fmt_time(time.monotonic() - started)}")
 
-    head, tbl, fails = header(results, args, made_by), table(results), failing_text(results)
+    head, tbl, fails = header(args, made_by), table(results), failing_text(results)
     report = f"{head}\n\n{tbl}\n"
     if args.pytest_args:
         report += f"\n(Only `pytest {args.pytest_args}`: not the whole suite.)\n"
