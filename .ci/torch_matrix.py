@@ -152,8 +152,8 @@ def build_outcome(rc, log, src):
     """The build's outcome in one short phrase."""
     text = Path(log).read_text(errors="replace")
     if rc != 0:
-        errors = [l.strip() for l in text.splitlines() if re.search(r"\berror\b", l, re.I)]
-        return "failed: " + (errors[0][:120] if errors else f"exit status {rc}")
+        errors = [l.strip().replace(f"{src}/", "") for l in text.splitlines() if re.search(r"\berror\b", l, re.I)]
+        return "failed: " + (errors[0][:160] if errors else f"exit status {rc}")
     lines = text.splitlines()
     compiler = [l for l in lines if re.search(r"\.(c|cc|cpp|cxx|cu|h|hpp|cuh):\d+:(\d+:)? warning:", l)]
     # Python warnings of the build tools ("site-packages/setuptools/x.py:108: SomeWarning: ..."), by package
@@ -262,7 +262,8 @@ def run_leg(leg, args, work, logs):
                               leg_logs / "install.log", src, clean_env(venv))
         res["times"]["install"] = secs
         if rc != 0:
-            res["install"] = f"pip install failed (exit status {rc})"
+            errors = [l[len("ERROR: "):] for l in tail(leg_logs / "install.log", 40).splitlines() if l.startswith("ERROR: ")]
+            res["install"] = f"pip install failed: {errors[-1][:160]}" if errors else f"pip install failed (exit status {rc})"
             res["build"] = "not built: install failed"
             say(f"torch {torch_v}: INSTALL FAILED\n{tail(leg_logs / 'install.log')}")
             return res
@@ -291,7 +292,7 @@ def run_leg(leg, args, work, logs):
     res["times"]["build"] = secs
     res["build"] = build_outcome(rc, leg_logs / "build.log", src)
     if rc != 0:
-        say(f"torch {torch_v}: BUILD FAILED in {fmt_time(secs)}\n{tail(leg_logs / 'build.log')}")
+        say(f"torch {torch_v}: BUILD FAILED in {fmt_time(secs)}: {res['build']}\n{tail(leg_logs / 'build.log')}")
         return res
     say(f"torch {torch_v}: built in {fmt_time(secs)}: {res['build']}")
 
@@ -368,7 +369,8 @@ def table(results):
         wall = " + ".join(("kept" if t[k] is None else fmt_time(t[k])) if k in t else "-"
                           for k in ("install", "build", "tests"))
         build = r["install"] if r["install"] else r["build"]
-        rows.append(f"| {r['torch']} | {r['torchvision']} | {r['numpy']} | {build} | {counts_text(r)} | {wall} |")
+        cells = [r["torch"], r["torchvision"], r["numpy"], build, counts_text(r), wall]
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 
