@@ -47,10 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # the experiments are meant to be run as `python -m experiments.classification` from the repo root
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
+    from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,
+                                    restores_torch_threads, set_seed)
 except ImportError:  # `python experiments/classification.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
+    from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,
+                                    restores_torch_threads, set_seed)
 
 from experiments.common.distributed import Distributed
 from experiments.common.data import VALIDATION_IMAGES
@@ -668,6 +670,7 @@ def protocol_args(args, protocol):
     return a
 
 
+@restores_torch_threads
 def main(argv=None) -> dict:
     """Train, test, write the results; returns the metrics. Under torchrun (WORLD_SIZE > 1) the batched
     protocol's streams are shared by the processes; rank 0 alone tests and writes, the others return

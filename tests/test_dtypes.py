@@ -130,12 +130,12 @@ def test_episode_continues_with_its_bfloat16_trace():
     torch.testing.assert_close(h_all, h2, rtol=0, atol=0)
 
 
-def test_memory_policy_counts_the_trace_bytes(monkeypatch):
+def test_memory_policy_counts_the_trace_bytes(keep_traces_bytes):
     # a bfloat16 trace takes half the bytes: with a limit between the two, every trace is kept for it only
     T, B, N = 10, 2, 8
     p32 = ops.check_rnn(torch.zeros(T, B, N), torch.zeros(N, N), torch.zeros(()), 0.1)
     p16 = ops.check_rnn(torch.zeros(T, B, N), torch.zeros(N, N), torch.zeros(()), 0.1, trace_dtype=BF16)
-    monkeypatch.setenv("PLASTIC_OPS_KEEP_TRACES_BYTES", str(T * B * N * N * 3))
+    keep_traces_bytes(T * B * N * N * 3)
     assert ops._canonical(p16, True, True)[3] == 1
     assert ops._canonical(p32, True, True)[3] == ops.default_checkpoint_every(T)
 
@@ -223,7 +223,7 @@ def test_backward_inside_autocast_equals_backward_outside(device, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_compile_traces_the_autocast_cast():
+def test_compile_traces_the_autocast_cast(inductor):
     w = (0.3 * torch.randn(4, 4)).requires_grad_()
     alpha, x = 0.3 * torch.randn(4, 4), torch.randn(3, 2, 4)
 
