@@ -128,7 +128,7 @@ class Classifier(nn.Module):
     def head(self, h, trace=None):
         """Output layer on precomputed features h (T, B, hidden)."""
         if self.plastic:
-            p, trace = self.out(h, trace)
+            p, (trace,) = self.out(h, trace)
             return torch.log(p.clamp_min(LOG_EPS)), trace
         return F.log_softmax(self.out(h), dim=-1), None
 

@@ -126,7 +126,7 @@ class PlasticPatternNet(nn.Module):
     def __init__(self, pattern_size: int, *, plastic: bool = True, impl: str = "fused", input_scale: float = 20.0):
         super().__init__()
         self.pattern_size, self.plastic, self.input_scale = pattern_size, plastic, input_scale
-        self.rnn = PlasticRNN(pattern_size + 1, impl=impl)
+        self.rnn = PlasticRNN(pattern_size + 1, bias=False, impl=impl)  # Miconi's network has no bias
         if not plastic:
             with torch.no_grad():
                 self.rnn.alpha.zero_()
