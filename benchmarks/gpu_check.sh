@@ -7,7 +7,7 @@
 #
 # Steps, most valuable first; a step gets min(its cap, the time left of TOTAL_BUDGET) and is skipped when
 # too little is left; a failing step does not stop the others:
-#   env          machine and versions
+#   env          machine and versions, and the checkpoint interval the memory policy picks on the GPU
 #   build        setup.py build_ext --inplace with the CUDA kernels, then a check that they are registered
 #   reference    the fused op on CUDA against plastic_ops.reference over every option, float64 and float32,
 #                on both CUDA kernel paths (PLASTIC_OPS_CUDA_KERNELS=v1 and v2; benchmarks/cuda_vs_reference.py):

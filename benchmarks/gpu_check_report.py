@@ -306,6 +306,8 @@ def render(summary: dict) -> str:
         lines.append(f"machine: {env.get('device', '?')}; torch {env.get('torch', '?')} (CUDA {env.get('cuda')}); "
                      f"nvcc {env.get('nvcc') or '–'}; compute-sanitizer {env.get('sanitizer') or 'absent'}")
         lines.append(f"git {env.get('git', '?')}; {env.get('date', '?')}; {env.get('nproc', '?')} cores")
+        if env.get("memory_policy"):
+            lines.append(f"memory policy (checkpoint_every=None): {env['memory_policy']}")
     lines.append(f"total {summary['seconds']} s of a {summary['budget_s']} s budget")
     lines.append("")
     lines.append(f"{'step':<22} {'status':<6} {'sec':>5} {'cap':>5}  result")
@@ -478,6 +480,7 @@ def environment(path: Path) -> None:
             env["device"] = f"no GPU: {os.cpu_count()}-core {platform.machine()} CPU"
     except Exception as exc:  # reported in the summary, the steps say the rest
         env["torch"], env["device"] = f"not importable ({exc})", "unknown"
+    env["memory_policy"] = memory_policy_picks()
     for mod in ("pytest", "numpy", "tqdm", "ninja"):
         try:
             env[mod] = getattr(__import__(mod), "__version__", "present")
@@ -485,6 +488,32 @@ def environment(path: Path) -> None:
             env[mod] = None
     path.write_text(json.dumps(env, indent=1))
     print("\n".join(f"{k}: {v}" for k, v in env.items()))
+
+
+def memory_policy_picks():
+    """What checkpoint_every=None picks on GPU 0 at N = 1000, T = 106, float32, B = 32 and 1024 (docs/cuda.md,
+    "Memory policy on CUDA"); None without a GPU. The policy needs no compiled extension."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the extension may not be built yet: the policy is Python
+            from plastic_ops import ops
+        T, N = 106, 1000
+        available = ops.cuda_available_bytes(0)
+        picks = [f"N={N}, T={T}, float32, {available / 2**30:.1f} GiB available"]
+        for B in (32, 1024):
+            try:
+                K = ops.choose_checkpoint_every(T, B * N * N * 4, device="cuda:0", batch=B, trace_dtype=torch.float32)
+                picks.append(f"B={B}: K = {K}")
+            except torch.cuda.OutOfMemoryError as exc:
+                picks.append(f"B={B}: OutOfMemoryError ({str(exc)[:300]})")
+        return "; ".join(picks)
+    except Exception as exc:
+        return f"not computed ({type(exc).__name__}: {exc})"
 
 
 def main(argv=None) -> int:

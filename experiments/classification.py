@@ -47,10 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # the experiments are meant to be run as `python -m experiments.classification` from the repo root
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
+    from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,
+                                    restores_torch_threads, set_seed)
 except ImportError:  # `python experiments/classification.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments.common import CheckpointManager, ResultsDir, StopRequested, add_common_args, set_seed
+    from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,
+                                    restores_torch_threads, set_seed)
 
 from experiments.common.distributed import Distributed
 from experiments.common.data import VALIDATION_IMAGES
@@ -126,7 +128,7 @@ class Classifier(nn.Module):
     def head(self, h, trace=None):
         """Output layer on precomputed features h (T, B, hidden)."""
         if self.plastic:
-            p, trace = self.out(h, trace)
+            p, (trace,) = self.out(h, trace)
             return torch.log(p.clamp_min(LOG_EPS)), trace
         return F.log_softmax(self.out(h), dim=-1), None
 
@@ -668,6 +670,7 @@ def protocol_args(args, protocol):
     return a
 
 
+@restores_torch_threads
 def main(argv=None) -> dict:
     """Train, test, write the results; returns the metrics. Under torchrun (WORLD_SIZE > 1) the batched
     protocol's streams are shared by the processes; rank 0 alone tests and writes, the others return

@@ -56,7 +56,7 @@ from experiments.common.data import (DATASETS, VALIDATION_IMAGES, load_dataset, 
                                      split_validation, synthetic_dataset)
 from plastic_ops.nn import PlasticLinear  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
-                                set_seed)
+                                restores_torch_threads, set_seed)
 from experiments.common.progress import progress_bar  # noqa: E402
 from experiments.common.distributed import Distributed, sync_batchnorm  # noqa: E402
 
@@ -654,6 +654,7 @@ def load(dataset: str, args):
     return train_x, val_x, test_x
 
 
+@restores_torch_threads
 def main(argv=None) -> dict:
     """Train, test, write the results; returns the metrics. Under torchrun (WORLD_SIZE > 1) the processes
     share every batch of episodes; rank 0 alone tests and writes, the others return {"rank": rank}."""

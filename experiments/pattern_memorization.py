@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a file: make `experiments` and `plastic_
 
 import plastic_ops  # noqa: E402
 from experiments.common import (CheckpointManager, ResultsDir, StopRequested, add_common_args,  # noqa: E402
-                                set_seed)
+                                restores_torch_threads, set_seed)
 from experiments.common.progress import progress_bar  # noqa: E402
 from experiments.common.distributed import Distributed  # noqa: E402
 from plastic_ops.nn import PlasticRNN  # noqa: E402
@@ -126,7 +126,7 @@ class PlasticPatternNet(nn.Module):
     def __init__(self, pattern_size: int, *, plastic: bool = True, impl: str = "fused", input_scale: float = 20.0):
         super().__init__()
         self.pattern_size, self.plastic, self.input_scale = pattern_size, plastic, input_scale
-        self.rnn = PlasticRNN(pattern_size + 1, impl=impl)
+        self.rnn = PlasticRNN(pattern_size + 1, bias=False, impl=impl)  # Miconi's network has no bias
         if not plastic:
             with torch.no_grad():
                 self.rnn.alpha.zero_()
@@ -591,6 +591,7 @@ def parse_args(argv=None):
     return args
 
 
+@restores_torch_threads
 def main(argv=None) -> dict | None:
     """Train, test on held-out episodes, write figures and metrics.json. Returns the metrics (None on Ctrl-C).
 

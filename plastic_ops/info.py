@@ -7,8 +7,10 @@ registered per dispatch key.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -96,7 +98,24 @@ def collect() -> dict:
                     "cuda_available": torch.cuda.is_available(), "gpus": gpus},
         "kernels": registered_kernels(),
         "cuda_kernel_path": _cuda_kernel_path(),
+        # an unbuilt checkout imported from its own root hides an installed copy: say what that one holds
+        "shadowed_copies": [] if err is None else [_copy_info(path) for path in _extension._installed_copies()],
     }
+
+
+def _copy_info(path: str) -> dict:
+    try:
+        built = json.loads((Path(path) / "_build_info.json").read_text())
+    except (OSError, ValueError):
+        built = None
+    return {"path": path, "built": built}
+
+
+def _describe_build(built: dict) -> str:
+    cuda = (f"CUDA kernels for {built.get('cuda_arch_list') or 'the default architectures'} (CUDA "
+            f"{built.get('cuda_toolkit')} toolkit)" if built.get("with_cuda")
+            else f"no CUDA kernels ({built.get('no_cuda_reason')})")
+    return f"built against torch {built.get('torch')}, Python {built.get('python')}: CPU kernels and {cuda}"
 
 
 def _cuda_kernel_path() -> dict:
@@ -116,6 +135,10 @@ def format_report(info: dict) -> str:
     else:
         lines.append(f"compiled extension: NOT AVAILABLE: {info['extension_error']}")
         lines.append(f"  {_extension.BUILD_HINT}.")
+    for copy in info.get("shadowed_copies", []):
+        what = _describe_build(copy["built"]) if copy["built"] else "build unknown (no _build_info.json)"
+        lines.append(f"installed copy, hidden by this folder: {copy['path']}: {what}. Run from another folder "
+                     f"(e.g. `cd /tmp && python -m plastic_ops.info`) to use it, or build this checkout in place.")
     if built is None:
         lines.append("build: unknown (no _build_info.json beside the compiled module)")
     else:

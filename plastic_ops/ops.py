@@ -14,7 +14,6 @@ and forward-mode AD").
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -27,45 +26,201 @@ from ._validation import PlasticArgs, check_linear, check_rnn
 _OPS_LOADED = _extension.load()
 
 
-#: Default byte limits of the memory policy (checkpoint_every=None), by device type: every trace
-#: is kept while the T traces take at most this many bytes. 0 on the CPU, where writing T traces
-#: into freshly allocated memory (page faults, no caching allocator) measured slower than
-#: recomputing segments (benchmarks/RESULTS.md, "Fused backward"). The environment variable
-#: PLASTIC_OPS_KEEP_TRACES_BYTES, read at each call, overrides it for every device.
+# ---------------------------------------------------------------------------------------------
+# The memory policy of checkpoint_every=None (docs/op_spec.md, "Checkpointing and the memory
+# policy"). Everything here runs while torch.compile traces a call, on every supported torch:
+# integer arithmetic only (no math.sqrt of a symbolic T), no environment read per call, and no
+# device query while tracing.
+
+#: Byte limits by device type under which every trace is kept (K = 1), where the device's memory
+#: is not queried. 0 on the CPU, where writing T traces into freshly allocated memory (page
+#: faults, no caching allocator) measured slower than recomputing segments (benchmarks/RESULTS.md,
+#: "Fused backward").
+#: On CUDA under torch.compile, which does not query the device, every trace is kept up to 2 GiB.
 KEEP_ALL_TRACES_BYTES = {"cpu": 0, "cuda": 2 * 2**30}
 
+#: On CUDA every trace is kept while the T traces take at most this fraction of the memory the
+#: device can still give (its free memory plus what torch's caching allocator holds unused).
+CUDA_KEEP_FRACTION = 0.5
 
-def default_checkpoint_every(T: int) -> int:
-    """K about sqrt(T): memory of C = ceil(T/K) saved traces plus K recomputed ones is minimal."""
-    return max(1, int(round(math.sqrt(T))))
+_ENV_VAR = "PLASTIC_OPS_KEEP_TRACES_BYTES"
 
 
-def keep_all_traces_bytes(device_type: str = "cuda") -> int:
-    """The policy's byte limit: PLASTIC_OPS_KEEP_TRACES_BYTES when set, else KEEP_ALL_TRACES_BYTES."""
-    value = os.environ.get("PLASTIC_OPS_KEEP_TRACES_BYTES")
+def _parse_limit(value: Optional[str]):
+    """(limit, error) from the environment variable's text: one of the two is None."""
     if value is None:
-        return KEEP_ALL_TRACES_BYTES.get(device_type, KEEP_ALL_TRACES_BYTES["cuda"])
+        return None, None
     try:
         limit = int(value)
     except ValueError:
         limit = -1
     if limit < 0:
-        raise ValueError(f"PLASTIC_OPS_KEEP_TRACES_BYTES must be a number of bytes >= 0, got {value!r}")
-    return limit
+        return None, f"{_ENV_VAR} must be a number of bytes >= 0, got {value!r}"
+    return limit, None
 
 
-def choose_checkpoint_every(T: int, trace_bytes: int, limit: Optional[int] = None, device_type: str = "cuda") -> int:
+# Read once, when plastic_ops is imported: dynamo cannot fold an environment read inside traced
+# code on torch 2.4. set_keep_traces_bytes changes it afterwards.
+_LIMIT_OVERRIDE, _LIMIT_ERROR = _parse_limit(os.environ.get(_ENV_VAR))
+
+
+def set_keep_traces_bytes(limit: Optional[int]) -> Optional[int]:
+    """Sets the policy's byte limit for every device (None: the device's default); returns the old one.
+
+    The environment variable PLASTIC_OPS_KEEP_TRACES_BYTES sets its initial value when plastic_ops is
+    imported. A compiled graph depends on the value it was traced with and is retraced when it changes.
+    """
+    global _LIMIT_OVERRIDE, _LIMIT_ERROR
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a number of bytes >= 0, got {limit!r}")
+    old = _LIMIT_OVERRIDE
+    _LIMIT_OVERRIDE, _LIMIT_ERROR = limit, None
+    return old
+
+
+#: The last answer of the device query, by device index: what a call under CUDA graph capture uses,
+#: since a capture must not ask the driver (the recipe's warm-up calls have filled it).
+_LAST_AVAILABLE: dict = {}
+
+
+def cuda_available_bytes(index: int) -> int:
+    """Bytes that CUDA device `index` can still give to new tensors: its free memory plus what torch's
+    caching allocator holds unused. Tests replace it (monkeypatch) to exercise the CUDA policy anywhere."""
+    if torch.cuda.is_current_stream_capturing():
+        if index in _LAST_AVAILABLE:
+            return _LAST_AVAILABLE[index]
+        return torch.cuda.get_device_properties(index).total_memory - torch.cuda.memory_allocated(index)
+    free, _ = torch.cuda.mem_get_info(index)
+    available = free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    _LAST_AVAILABLE[index] = available
+    return available
+
+
+def _queries_device(device) -> bool:
+    # torch.compile cannot run the query on every supported torch (dynamo 2.4 and 2.5 have no working
+    # way to call it once at trace time): a compiled call uses KEEP_ALL_TRACES_BYTES["cuda"] instead
+    return device.type == "cuda" and not _is_compiling()
+
+
+def keep_all_traces_bytes(device="cpu") -> int:
+    """The policy's byte limit: every trace is kept while the T traces take at most this many bytes.
+
+    set_keep_traces_bytes (or PLASTIC_OPS_KEEP_TRACES_BYTES) when set, for every device; else on CUDA
+    CUDA_KEEP_FRACTION of cuda_available_bytes (under torch.compile KEEP_ALL_TRACES_BYTES["cuda"]),
+    elsewhere KEEP_ALL_TRACES_BYTES of the device type.
+    """
+    if _LIMIT_ERROR is not None:
+        raise ValueError(_LIMIT_ERROR)
+    if _LIMIT_OVERRIDE is not None:
+        return _LIMIT_OVERRIDE
+    device = torch.device(device) if isinstance(device, str) else device
+    if _queries_device(device):
+        return int(CUDA_KEEP_FRACTION * cuda_available_bytes(_index(device)))
+    return KEEP_ALL_TRACES_BYTES.get(device.type, 0)
+
+
+def _index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def isqrt(n):
+    """floor(sqrt(n)) for an integer n >= 0, by bisection on integers.
+
+    Exact at any size, and traceable when n is symbolic (torch.compile's dynamic shapes): every step
+    is an integer comparison, a guard that each torch's dynamo can evaluate.
+    """
+    lo, hi = 0, 1
+    while hi * hi <= n:
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid * mid <= n:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def default_checkpoint_every(T) -> int:
+    """K = round(sqrt(T)), at least 1: memory of C = ceil(T/K) saved traces plus K recomputed ones is about minimal.
+
+    round(sqrt(T)) = k exactly when k^2 - k < T <= k^2 + k, so no float is needed.
+    """
+    k = isqrt(T)
+    if T > k * k + k:
+        k += 1
+    return max(1, k)
+
+
+def num_checkpoints(T, K):
+    return 0 if K == 0 else -(-T // K)
+
+
+def traces_held(T, K):
+    """Traces the backward holds at once at interval K: the C checkpoints, K - 1 recomputed, 2 working."""
+    return num_checkpoints(T, K) + (K - 1) + 2
+
+
+def fewest_traces_every(T) -> int:
+    """The largest K for which traces_held(T, K) is smallest (the largest: the forward writes fewest checkpoints).
+
+    The fewest of ceil(T/K) + K over integers K is m = ceil(2 sqrt(T)), reached exactly when
+    K (m - K) >= T: integer arithmetic again.
+    """
+    m = isqrt(4 * T - 1) + 1
+    K = (m + isqrt(m * m - 4 * T) + 1) // 2
+    while K * (m - K) < T:
+        K -= 1
+    return max(1, min(K, T))
+
+
+def _format_bytes(n) -> str:
+    return f"{n / 2**30:.2f} GiB ({n} bytes)"
+
+
+def choose_checkpoint_every(T, trace_bytes, limit=None, device="cpu", available=None, batch=None,
+                            trace_dtype=None):
     """The memory policy of checkpoint_every=None (docs/op_spec.md, "Checkpointing").
 
-    K = 1 (every trace kept: no recompute in the backward) when the T traces of trace_bytes
-    each fit in `limit` bytes (default: keep_all_traces_bytes(device_type)), else K = about sqrt(T).
+    trace_bytes is the size of one trace (B * N_in * N_out elements). K = 1 (every trace kept: no
+    recompute in the backward) when the T traces fit in `limit` bytes (default:
+    keep_all_traces_bytes(device)). Else, on the CPU (or any device whose memory is not queried)
+    K = round(sqrt(T)); on CUDA the K whose backward holds the fewest traces, and when even those
+    exceed what the device can give (not checked under torch.compile), a torch.cuda.OutOfMemoryError
+    that says what would fit.
+    `available` replaces the CUDA query (cuda_available_bytes); `batch` (B) and `trace_dtype` only
+    make that error more precise.
     """
-    limit = keep_all_traces_bytes(device_type) if limit is None else limit
-    return 1 if T * trace_bytes <= limit else default_checkpoint_every(T)
+    device = torch.device(device) if isinstance(device, str) else device
+    if limit is None:
+        limit = keep_all_traces_bytes(device)
+    if T * trace_bytes <= limit:
+        return 1
+    if device.type != "cuda":
+        return default_checkpoint_every(T)
+    K = fewest_traces_every(T)
+    if available is None and _queries_device(device):
+        available = cuda_available_bytes(_index(device))
+    needed = traces_held(T, K) * trace_bytes
+    if available is not None and needed > available:
+        raise torch.cuda.OutOfMemoryError(_does_not_fit(T, K, trace_bytes, needed, available, batch, trace_dtype))
+    return K
 
 
-def num_checkpoints(T: int, K: int) -> int:
-    return 0 if K == 0 else -(-T // K)
+def _does_not_fit(T, K, trace_bytes, needed, available, batch, trace_dtype) -> str:
+    held = traces_held(T, K)
+    what = [f"the backward of T = {T} steps holds at least {held} traces"
+            + ("" if trace_dtype is None else f" ({trace_dtype})")
+            + f" of {_format_bytes(trace_bytes)} each, at checkpoint_every = {K} (the interval that holds "
+            f"the fewest): {_format_bytes(needed)}, but the device can give {_format_bytes(available)}"]
+    fits = []
+    if batch is not None:
+        fits.append(f"a batch of at most {available // (held * (trace_bytes // batch))} episodes (B = {batch} now)")
+    if trace_dtype == torch.float32:
+        fits.append("trace_dtype=torch.bfloat16 (half the bytes)")
+    fits.append("shorter sequences (calls of fewer steps, the trace passed on)")
+    return (f"plastic_ops: {what[0]}. What would fit: {'; or '.join(fits)}. An explicit checkpoint_every=K "
+            f"holds ceil(T/K) + K + 1 traces.")
 
 
 def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
@@ -83,8 +238,8 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
     if p.checkpoint_every is not None:
         K = min(p.checkpoint_every, p.T)
     else:
-        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.trace.element_size(),
-                                    device_type=p.x.device.type)
+        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.trace.element_size(), device=p.x.device,
+                                    batch=p.B, trace_dtype=p.trace.dtype)
     return alpha, e, drive, (K if needs_grad else 0)
 
 
@@ -270,7 +425,40 @@ def _register():
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads
             return g_pre, g_drive, g_w, g_alpha, g_e, g_h0, None, None, None, None
 
-        torch.library.register_autograd(f"plastic_ops::{form}_forward", backward, setup_context=setup_context)
+        _register_autograd(f"plastic_ops::{form}_forward", backward, setup_context)
+
+
+_FORWARD_AD_REFUSED = ("plastic_ops: forward-mode AD is not supported by torch.ops.plastic_ops.*; call "
+                       "plastic_ops.plastic_linear / plastic_rnn, which run the reference for dual tensors")
+_LIBRARIES = []  # an implementation lives as long as its Library object
+
+
+def _has_tangent(t) -> bool:
+    return (isinstance(t, torch.Tensor) and getattr(forward_ad, "_current_level", -1) >= 0
+            and forward_ad.unpack_dual(t).tangent is not None)
+
+
+def _register_autograd(qualname: str, backward, setup_context) -> None:
+    # torch 2.5 and newer call the kernels directly when no input requires a gradient, where the compiled
+    # kernels refuse a dual tensor with the package's message. torch 2.4 always goes through the
+    # autograd.Function that register_autograd makes, which fails with torch's own "You must implement
+    # the jvp function": there the same kernel is registered with the package's check in front.
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 5):
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        return
+    from torch._library import autograd as library_autograd, utils as library_utils
+    op = library_utils.lookup_op(qualname)
+    kernel = library_autograd.make_autograd_impl(op, library_autograd.Info(backward, setup_context))
+
+    def checked(keyset, *args, **kwargs):
+        if any(_has_tangent(a) for a in args):
+            raise RuntimeError(_FORWARD_AD_REFUSED)
+        return kernel(keyset, *args, **kwargs)
+
+    namespace, name = qualname.split("::")
+    library = torch.library.Library(namespace, "FRAGMENT")
+    _LIBRARIES.append(library)
+    library.impl(name, checked, "Autograd", with_keyset=True)
 
 
 if _OPS_LOADED:

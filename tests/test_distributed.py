@@ -92,7 +92,7 @@ def _make_layer(kind, alpha, rule, learn_eta):
 
 def _loss(out, shard_size):
     """Mean over the global batch of a function of the outputs and of the final trace (both gradient paths)."""
-    y, trace = out
+    y, trace = out[0], (out[1] if isinstance(out[1], torch.Tensor) else out[1].trace)
     per_episode = y.pow(2).mean(dim=(0, 2)) + 0.5 * trace.pow(2).mean(dim=(1, 2))
     return per_episode.sum() / shard_size  # the local mean: DDP's average of equal shares is the global mean
 

@@ -78,3 +78,21 @@ def test_build_info_file_matches_the_loaded_module():
     written = json.loads(_extension.INFO_FILE.read_text())
     assert written == _extension.build_info()
     assert written["python"] == "%d.%d" % __import__("sys").version_info[:2]
+
+
+def test_report_from_an_unbuilt_checkout_says_what_the_installed_copy_holds(monkeypatch, tmp_path):
+    # `python -m plastic_ops.info` from the root of an unbuilt checkout imports the checkout; the report
+    # then says what the installed copy it hides was built with, and how to reach it
+    installed = tmp_path / "site-packages" / "plastic_ops"
+    installed.mkdir(parents=True)
+    (installed / "_C.abi3.so").write_bytes(b"")
+    (installed / "_build_info.json").write_text(json.dumps(
+        {"torch": "2.4.1+cu121", "python": "3.11", "with_cuda": False, "no_cuda_reason": "CPU-only build"}))
+    monkeypatch.setattr(_extension, "_error", ImportError("unbuilt"))
+    monkeypatch.setattr(_extension, "_installed_copies", lambda: [str(installed)])
+    got = info.collect()
+    assert got["shadowed_copies"] == [{"path": str(installed), "built": json.loads(
+        (installed / "_build_info.json").read_text())}]
+    text = info.format_report(got)
+    assert f"installed copy, hidden by this folder: {installed}: built against torch 2.4.1+cu121" in text
+    assert "no CUDA kernels (CPU-only build)" in text and "Run from another folder" in text

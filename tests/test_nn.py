@@ -7,7 +7,7 @@ from plastic_ops.nn import PlasticLinear, PlasticRNN
 
 def test_linear_shapes_and_parameters():
     layer = PlasticLinear(7, 4, alpha="input", learn_eta=False)
-    y, h = layer(torch.randn(5, 3, 7))
+    y, (h,) = layer(torch.randn(5, 3, 7))
     assert y.shape == (5, 3, 4) and h.shape == (3, 7, 4)
     names = {n for n, _ in layer.named_parameters()}
     assert names == {"weight", "alpha", "bias"}
@@ -39,8 +39,8 @@ def test_batch_first_matches_time_major():
     b = PlasticLinear(5, 3, dtype=torch.float64)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 4, 5, dtype=torch.float64)  # (B, T, N)
-    ya, ha = a(x)
-    yb, hb = b(x.transpose(0, 1))
+    ya, (ha,) = a(x)
+    yb, (hb,) = b(x.transpose(0, 1))
     torch.testing.assert_close(ya, yb.transpose(0, 1))
     torch.testing.assert_close(ha, hb)
 
@@ -49,14 +49,13 @@ def test_rnn_step_by_step_equals_whole_sequence():
     torch.manual_seed(0)
     layer = PlasticRNN(8, dtype=torch.float64, init_std=0.3)
     u = torch.randn(6, 2, 8, dtype=torch.float64)
-    y_all, h_all = layer(u)
-    trace, prev, ys = None, None, []
+    y_all, s_all = layer(u)
+    state, ys = None, []
     for t in range(6):
-        y, trace = layer(u[t:t + 1], trace, prev)
-        prev = y[-1]
+        y, state = layer(u[t:t + 1], state)  # a T = 1 call is one step of a cell
         ys.append(y)
     torch.testing.assert_close(torch.cat(ys), y_all)
-    torch.testing.assert_close(trace, h_all)
+    torch.testing.assert_close(state, s_all)
 
 
 def test_linear_continuation_with_modulation():
@@ -80,7 +79,8 @@ def test_fused_and_reference_impl_agree(cls, args):
     for impl in ("fused", "reference"):
         layer.impl = impl
         layer.zero_grad()
-        y, h = layer(x)
+        y, state = layer(x)
+        h = state.trace
         (y.pow(2).sum() + h.sum()).backward()
         outs[impl] = [y.detach(), h.detach()] + [p.grad.clone() for p in layer.parameters()]
     for a, b in zip(outs["fused"], outs["reference"]):

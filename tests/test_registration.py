@@ -93,7 +93,7 @@ class _Net(torch.nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile(backend):
+def test_torch_compile(backend, inductor):
     torch.manual_seed(0)
     net = _Net()
     x = torch.randn(6, 2, 5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -20,6 +21,19 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help="results folder (metrics, plots, checkpoint)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def restores_torch_threads(main):
+    """For an experiment's main(), which applies --threads to the process: torch's thread count is restored
+    when it returns, since main() also runs inside other programs (the time-to-accuracy drivers, the tests)."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        before = torch.get_num_threads()
+        try:
+            return main(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapped
 
 
 def set_seed(seed: int) -> None:

@@ -1,5 +1,6 @@
 """Drop-in nn layers on top of the plastic op."""
 from .plastic_linear import PlasticLinear
 from .plastic_rnn import PlasticRNN
+from .state import PlasticLinearState, PlasticRNNState
 
-__all__ = ["PlasticLinear", "PlasticRNN"]
+__all__ = ["PlasticLinear", "PlasticRNN", "PlasticLinearState", "PlasticRNNState"]

@@ -1,21 +1,51 @@
-"""What PlasticLinear and PlasticRNN share: parameters, initialization, choice of implementation."""
+"""What PlasticLinear and PlasticRNN share: parameters, initialization, eta's range, choice of implementation."""
 from __future__ import annotations
 
+import math
+import numbers
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops, reference
 from .._validation import ACTIVATIONS, RULES, TRACE_DTYPES, check_checkpoint_every, check_clip, to_float
 
 ALPHA_SHAPES = ("synapse", "input", "output", "scalar")
 IMPLS = ("fused", "reference")
+#: How the learned eta is kept in range (docs/recipes.md): None learns it raw, as Miconi et al. (2018, 2019);
+#: "clamp" uses eta.clamp(0, 1) in the op; "sigmoid" stores a logit and uses sigmoid(eta_logit), in (0, 1).
+ETA_CONSTRAINTS = (None, "clamp", "sigmoid")
+
+
+def _init_std(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _initial_eta(eta, constraint) -> float:
+    """The initial plasticity rate: a number or a one-element tensor, finite, >= 0 (and < 1 for "sigmoid")."""
+    if isinstance(eta, torch.Tensor):
+        if eta.numel() != 1 or eta.is_complex():
+            raise ValueError(f"eta must be a real number or a one-element tensor, got a {eta.dtype} tensor of shape "
+                             f"{tuple(eta.shape)}")
+        eta = eta.detach().reshape(()).cpu().item()
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"eta must be a number or a one-element tensor, got {type(eta).__name__}")
+    eta = to_float("eta", eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0 (a negative rate makes the Hebbian trace grow without "
+                         f"bound), got {eta}")
+    if constraint == "sigmoid" and not 0 < eta < 1:
+        raise ValueError(f"eta must lie in (0, 1) with eta_constraint='sigmoid', got {eta}")
+    return eta
 
 
 class _PlasticBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, alpha: str, rule: str, activation: str,
-                 clip, eta: float, learn_eta: bool, bias: bool, batch_first: bool, init_std: float, impl: str,
-                 checkpoint_every, trace_dtype=None, device=None, dtype=None):
+                 clip, eta, learn_eta: bool, eta_constraint, bias: bool, batch_first: bool, init_std: float,
+                 alpha_init_std, impl: str, checkpoint_every, trace_dtype=None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
@@ -26,8 +56,13 @@ class _PlasticBase(nn.Module):
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if eta_constraint not in ETA_CONSTRAINTS:
+            raise ValueError(f"eta_constraint must be one of {ETA_CONSTRAINTS}, got {eta_constraint!r}")
         clip = check_clip(clip)
         checkpoint_every = check_checkpoint_every(checkpoint_every)
+        init_std = _init_std("init_std", init_std)
+        alpha_init_std = init_std if alpha_init_std is None else _init_std("alpha_init_std", alpha_init_std)
+        eta = _initial_eta(eta, eta_constraint)
         # checked against the parameters' dtype at each call: .to(dtype) may change it after this
         if trace_dtype is not None and trace_dtype not in {d for ds in TRACE_DTYPES.values() for d in ds}:
             raise TypeError(f"trace_dtype must be None, torch.float32, torch.bfloat16 or torch.float64, "
@@ -37,17 +72,20 @@ class _PlasticBase(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.alpha_shape, self.rule, self.activation = alpha, rule, activation
-        self.clip, self.batch_first, self.init_std = clip, batch_first, init_std
+        self.clip, self.batch_first = clip, batch_first
+        self.init_std, self.alpha_init_std, self.eta_constraint = init_std, alpha_init_std, eta_constraint
         self.checkpoint_every = checkpoint_every
         self.weight = nn.Parameter(torch.empty(in_features, out_features, **factory))
         a_shape = {"synapse": (in_features, out_features), "input": (in_features, 1),
                    "output": (1, out_features), "scalar": ()}[alpha]
         self.alpha = nn.Parameter(torch.empty(a_shape, **factory))
-        eta_t = torch.tensor(to_float("eta", eta), **factory)
+        raw = math.log(eta / (1 - eta)) if eta_constraint == "sigmoid" else eta
+        eta_t = torch.tensor(raw, **factory)
+        name = "eta_logit" if eta_constraint == "sigmoid" else "eta"
         if learn_eta:
-            self.eta = nn.Parameter(eta_t)
+            self.register_parameter(name, nn.Parameter(eta_t))
         else:
-            self.register_buffer("eta", eta_t)
+            self.register_buffer(name, eta_t)
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -62,12 +100,21 @@ class _PlasticBase(nn.Module):
         self._impl = value
 
     def reset_parameters(self) -> None:
-        """Miconi et al. (2018): w and alpha drawn from init_std * N(0, 1) (init_std = 0.01), bias zero."""
+        """weight from init_std * N(0, 1) and alpha from alpha_init_std * N(0, 1) (both 0.01 by default, as in
+        Miconi et al. 2018), bias zero. Override it, or set the parameters in place, for another scheme."""
         with torch.no_grad():
             self.weight.normal_(0.0, self.init_std)
-            self.alpha.normal_(0.0, self.init_std)
+            self.alpha.normal_(0.0, self.alpha_init_std)
             if self.bias is not None:
                 self.bias.zero_()
+
+    def plasticity_rate(self) -> torch.Tensor:
+        """The eta the op receives: the learned value, in range when eta_constraint asks for it."""
+        if self.eta_constraint == "sigmoid":
+            return torch.sigmoid(self.eta_logit)
+        if self.eta_constraint == "clamp":
+            return self.eta.clamp(0.0, 1.0)
+        return self.eta
 
     def _backend(self):
         return ops if self.impl == "fused" else reference
@@ -75,15 +122,39 @@ class _PlasticBase(nn.Module):
     def _time_major(self, t):
         return t.transpose(0, 1) if (t is not None and self.batch_first) else t
 
-    def _kwargs(self, modulation):
-        return dict(rule=self.rule, activation=self.activation, clip=self.clip,
-                    modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every,
-                    trace_dtype=self.trace_dtype)
+    def _kwargs(self, modulation, reset, lengths, return_traces):
+        kw = dict(rule=self.rule, activation=self.activation, clip=self.clip,
+                  modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every,
+                  trace_dtype=self.trace_dtype)
+        # passed only when used: the plain call is the op's plain call
+        if reset is not None:
+            kw["reset"] = self._time_major(reset)
+        if lengths is not None:
+            kw["lengths"] = lengths
+        if return_traces:
+            kw["return_traces"] = True
+        return kw
+
+    def _unpack(self, input, lengths):
+        """A PackedSequence becomes (padded input, lengths); anything else passes through."""
+        if not isinstance(input, PackedSequence):
+            return input, lengths, False
+        if lengths is not None:
+            raise ValueError("lengths must be None when input is a PackedSequence (it carries its own lengths)")
+        padded, lengths = pad_packed_sequence(input, batch_first=self.batch_first)
+        return padded, lengths, True
+
+    def _outputs(self, y, state, traces, packed, lengths, return_traces):
+        y = self._time_major(y)
+        if packed:
+            y = pack_padded_sequence(y, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        if return_traces:
+            return y, state, (traces.transpose(0, 1) if self.batch_first else traces)
+        return y, state
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, alpha={self.alpha_shape}, rule={self.rule}, "
                 f"activation={self.activation}, clip={self.clip}, bias={self.bias is not None}, "
                 f"batch_first={self.batch_first}, impl={self.impl}"
+                + (f", eta_constraint={self.eta_constraint!r}" if self.eta_constraint is not None else "")
                 + (f", trace_dtype={self.trace_dtype}" if self.trace_dtype is not None else ""))
-
-
