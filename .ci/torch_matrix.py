@@ -24,12 +24,14 @@ Standard library only: it runs before any virtual environment exists.
 """
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,13 +117,18 @@ def run_logged(cmd, log, cwd, env, echo=False):
         f.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            f.write(line)
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        rc = proc.wait()
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace")
+                f.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            rc = proc.wait()
+        finally:  # stopped: the child goes too
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return rc, time.monotonic() - start
 
 
@@ -453,6 +460,13 @@ def main(argv=None):
 
     logs = REPO / "results" / "torch-matrix"
     logs.mkdir(parents=True, exist_ok=True)
+    lock = open(logs / ".lock", "w")  # one run at a time: they share the logs, README.md and the CPUs
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        p.error(f"another run is going on in this checkout ({logs / '.lock'} is locked)")
+    # Stopped (CI's time limit, kill): the temporary folders are still removed, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     started = time.monotonic()
     for i, leg in enumerate(legs, 1):
