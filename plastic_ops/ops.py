@@ -337,8 +337,14 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive)
     alpha_c, e, d, K = _canonical(p, False, needs_grad, drive, every_trace=return_traces)
     out = _op("plastic_linear_forward")(p.x.contiguous(), d, p.w.contiguous(), alpha_c, e,
-                                       p.trace.contiguous(), p.rule, p.activation, p.clip, K, p.steps)
+                                       p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
     return _outputs(out, return_traces)
+
+
+def _flags(steps):
+    """The trailing steps argument of the compiled ops: left out when None (the schema's default), so a
+    call without resets and lengths is the call the ops had before them."""
+    return () if steps is None else (steps,)
 
 
 def _outputs(out, return_traces: bool):
@@ -380,14 +386,14 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
     alpha_c, e, drive, K = _canonical(p, True, needs_grad, every_trace=return_traces)
     out = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
-                                    p.trace.contiguous(), p.rule, p.activation, p.clip, K, p.steps)
+                                    p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
     return _outputs(out, return_traces)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration: fake (meta) kernels for torch.compile, and autograd through the backward ops.
 
-def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_hT, meta):
+def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_hT, meta, num_inputs):
     """The backward as differentiable PyTorch ops, for create_graph=True (double backward).
 
     Reruns the forward with the reference on the op's own inputs (which carry their graph) and
@@ -396,7 +402,7 @@ def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_h
     """
     rule, activation, clip, _, steps = meta
     wanted = [i for i, needed in enumerate(needs_input_grad) if needed]
-    grads = [None] * 11
+    grads = [None] * num_inputs
     if not wanted:
         return tuple(grads)
     y, hT = reference.scan(*inputs, rule, activation, clip, recurrent, steps)
@@ -425,7 +431,9 @@ def _register():
         torch.library.register_fake(f"plastic_ops::{form}_backward")(fake_backward)
 
         def setup_context(ctx, inputs, output, form=form):
-            pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps = inputs
+            pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs[:10]
+            steps = inputs[10] if len(inputs) > 10 else None  # whether the default is filled in depends on torch
+            ctx.num_inputs = len(inputs)
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
             # An output that gets no gradient stays None: no zeros the size of the checkpoints
@@ -448,14 +456,15 @@ def _register():
                     grad_hT = ckpts.new_zeros(ckpts.shape[1:])
                 h0 = ckpts[0] if h0 is None else h0
                 return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
-                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta + (steps,))
+                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta + (steps,),
+                                                ctx.num_inputs)
             if grad_hT is None:  # an empty tensor stands for dL/dH_T = 0: no trace of zeros is built here
                 grad_hT = ckpts.new_empty(0)
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
                 grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K,
-                steps)
+                *_flags(steps))
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads
-            return g_pre, g_drive, g_w, g_alpha, g_e, g_h0, None, None, None, None, None
+            return (g_pre, g_drive, g_w, g_alpha, g_e, g_h0) + (None,) * (ctx.num_inputs - 6)
 
         _register_autograd(f"plastic_ops::{form}_forward", backward, setup_context)
 

@@ -448,3 +448,21 @@ def test_lengths_as_a_list_and_any_integer_dtype():
     for lengths in ([2, 4], torch.tensor([2, 4], dtype=torch.uint8), torch.tensor([2, 4], dtype=torch.int16)):
         y, h = plastic_ops.plastic_linear(*args, lengths=lengths)
         assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", FORMS)
+def test_flags_read_no_value_back(form, device):
+    """reset and a lengths on the device become the flags without a value read back to the host, so a
+    call with them can be captured into a CUDA graph (a CPU lengths is range-checked on the host)."""
+    from test_cuda_graphs import RecordOps
+    args, mod = make_inputs(form, T=5, B=3, n_in=4, n_out=4, device=device, seed=3)
+    reset, lengths = pattern("both", 5, 3, device)
+    kw = dict(reset=reset)
+    if device != "cpu":
+        kw["lengths"] = lengths.to(device)
+    with RecordOps() as rec:
+        y, h = fns(form)[0](*args, modulation=mod, checkpoint_every=2, **kw)
+        loss_of(y, h).backward()
+    assert f"plastic_ops.plastic_{form}_backward" in rec.names
+    assert rec.host_reads() == []
