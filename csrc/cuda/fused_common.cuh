@@ -67,11 +67,10 @@ __device__ __forceinline__ acc_t stored_trace(acc_t hpre, bool has_clip, acc_t c
   return static_cast<acc_t>(static_cast<trace_t>(h));
 }
 
-// Per-row step flags, steps[t, b] of the op's optional (T, B) uint8 tensor (docs/op_spec.md, "Episode
-// resets and lengths"). Every kernel that reads them has a template parameter STEPS: without it the
-// flags are never read and the code is the same as without the argument.
-constexpr uint8_t kReset = 1;  // before step t the row's trace, and in the recurrent form its pre p_t, are zeros
-constexpr uint8_t kSkip = 2;   // step t does nothing for the row: y_t = 0, the trace passes through
+// Per-row step flags, steps[t, b] of the op's optional (T, B) uint8 tensor, with the bits kReset and
+// kSkip of ../plastic_common.h (docs/op_spec.md, "Episode resets and lengths"). Every kernel that reads
+// them has a template parameter STEPS: without it the flags are never read and the code is the same as
+// without the argument.
 
 // The trace carried out of step t from the trace h carried into it: RESET zeroes h (and p when
 // zero_pre: the recurrent form), SKIP passes it on, else the update and the clamp, stored. The

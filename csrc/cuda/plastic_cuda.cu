@@ -883,7 +883,7 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
   // form a RESET of step t made p_t the constant 0: those rows of P are zeroed (a select, not a product).
   at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
   if (recurrent && sp != nullptr) {
-    P = P.masked_fill(at::bitwise_and(*steps, static_cast<int64_t>(fused::kReset)).to(at::kBool).unsqueeze(-1), 0);
+    P = P.masked_fill(at::bitwise_and(*steps, static_cast<int64_t>(kReset)).to(at::kBool).unsqueeze(-1), 0);
   }
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
   return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
@@ -904,20 +904,13 @@ bool fused_handles(at::ScalarType io, at::ScalarType trace) {
 // on the host (a call stays capturable in a CUDA graph), so other bits are not checked here.
 const uint8_t* steps_for_fused(const c10::optional<at::Tensor>& steps, const Dims& d, const at::Tensor& like,
                                at::ScalarType io, at::ScalarType trace) {
-  if (!steps.has_value() || !steps->defined()) return nullptr;
-  const at::Tensor& s = *steps;
-  TORCH_CHECK(s.scalar_type() == at::kByte, "plastic_ops: steps must be a uint8 tensor, got ", s.scalar_type());
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == d.T && s.size(1) == d.B, "plastic_ops: steps must be (T, B) = (", d.T,
-              ", ", d.B, "), got ", s.sizes());
-  TORCH_CHECK(s.is_contiguous(), "plastic_ops: steps must be contiguous");
-  TORCH_CHECK(s.device() == like.device(), "plastic_ops: steps must be on the op's device (", like.device(),
-              "), got ", s.device());
+  if (!check_steps(steps, d, like.device())) return nullptr;
   TORCH_CHECK(use_fused_kernels(), "plastic_ops: episode resets and lengths (steps) need the fused CUDA kernels "
               "(v2); unset PLASTIC_OPS_CUDA_KERNELS=v1");
   TORCH_CHECK(fused_handles(io, trace), "plastic_ops: episode resets and lengths (steps) on CUDA need the fused "
               "kernels, which take float32 or float64 inputs with a trace of the same dtype; got ", io,
               " inputs with a ", trace, " trace");
-  return s.data_ptr<uint8_t>();
+  return steps->data_ptr<uint8_t>();
 }
 
 void check_cuda(const at::Tensor& t) {
@@ -1009,30 +1002,9 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   return out(g_pre, g_drive, g_w, g_alpha, g_e, G);
 }
 
-// The four ops of ../plastic_op.cpp, one form each, with the optional step flags last.
-template <bool Recurrent>
-ForwardResult forward_cuda_form(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
-                                const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0,
-                                c10::string_view rule, c10::string_view activation, c10::optional<double> clip,
-                                int64_t K, const c10::optional<at::Tensor>& steps) {
-  return forward_cuda(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps);
-}
-
-template <bool Recurrent>
-BackwardResult backward_cuda_form(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
-                                  const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
-                                  const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
-                                  c10::string_view activation, c10::optional<double> clip, int64_t K,
-                                  const c10::optional<at::Tensor>& steps) {
-  return backward_cuda(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps);
-}
-
 }  // namespace
 }  // namespace plastic_ops
 
 TORCH_LIBRARY_IMPL(plastic_ops, CUDA, m) {
-  m.impl("plastic_linear_forward", &plastic_ops::forward_cuda_form<false>);
-  m.impl("plastic_rnn_forward", &plastic_ops::forward_cuda_form<true>);
-  m.impl("plastic_linear_backward", &plastic_ops::backward_cuda_form<false>);
-  m.impl("plastic_rnn_backward", &plastic_ops::backward_cuda_form<true>);
+  plastic_ops::register_kernels<plastic_ops::forward_cuda, plastic_ops::backward_cuda>(m);
 }
