@@ -20,8 +20,9 @@ namespace fused {
 //     over j into dp_a (dL/dp_m).
 // Sums over j: per i, the warp adds its 32 lanes with warp_sum_many and one lane writes slot
 // [b, warp, i] of dp_a (set) or dp_b (set, or added to the update's part when dp_b_add): every slot
-// has one writer per pass, and dp_a and dp_b are different buffers. Gin may be Gout (in place, the
-// next row loaded before this row is stored); g_zero: G is zero and Gin is not read.
+// has one writer per pass, and dp_a and dp_b are different buffers. G = dL/dH is kept in acc_t (trace_t
+// itself for a float or double trace; float for a bfloat16 one, rounded once at the end). Gin may be
+// Gout (in place, the next row loaded before this row is stored); g_zero: G is zero and Gin is not read.
 // STEPS: f_a and f_b are the flag rows (B bytes) of steps m and tb, read once per episode of the tile.
 // H_m in memory is the trace carried into step m (before its RESET), as the forward keeps it. A RESET
 // of step m runs its update half on H = 0 (and p_m = 0 when zero_pre: the recurrent form); a SKIP of
@@ -31,7 +32,7 @@ namespace fused {
 // recurrent form, are zero (its pre was the constant 0 there).
 template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE, bool STEPS>
 __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
-    const trace_t* __restrict__ Hm, const trace_t* Gin, trace_t* Gout, bool g_zero,
+    const trace_t* __restrict__ Hm, const acc_type<scalar_t>* Gin, acc_type<scalar_t>* Gout, bool g_zero,
     const scalar_t* __restrict__ p_a, const scalar_t* __restrict__ y_a, const scalar_t* __restrict__ e_a,
     acc_type<scalar_t>* __restrict__ de_part, acc_type<scalar_t>* __restrict__ dy_part,
     acc_type<scalar_t>* __restrict__ dp_a, const scalar_t* __restrict__ p_b, const scalar_t* __restrict__ ga_b,
@@ -58,12 +59,14 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
   const int64_t plane = n_in * n_out;
 
   acc_t ya[kTile], ea[kTile], gab[kTile], de[kTile], dy[kTile];
-  trace_t h_next[kTile], g_next[kTile];
+  trace_t h_next[kTile];
+  acc_t g_next[kTile];
   uint8_t fa[kTile], fb[kTile];
 #pragma unroll
   for (int k = 0; k < kTile; ++k) {
     ya[k] = ea[k] = gab[k] = de[k] = dy[k] = acc_t(0);
-    h_next[k] = g_next[k] = trace_t(0);
+    h_next[k] = trace_t(0);
+    g_next[k] = acc_t(0);
     fa[k] = fb[k] = 0;
     if (valid && k < nb) {
       if (STEPS) {
@@ -84,7 +87,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
     }
   }
   for (int64_t i = i0; i < i1; ++i) {
-    trace_t h_cur[kTile], g_cur[kTile];
+    trace_t h_cur[kTile];
+    acc_t g_cur[kTile];
 #pragma unroll
     for (int k = 0; k < kTile; ++k) {
       h_cur[k] = h_next[k];
@@ -106,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
       if (valid && k < nb) {
         const int64_t r = (b0 + k) * n_in + i;
         acc_t h = static_cast<acc_t>(h_cur[k]);
-        acc_t g = g_zero ? acc_t(0) : static_cast<acc_t>(g_cur[k]);
+        acc_t g = g_zero ? acc_t(0) : g_cur[k];
         acc_t pa = UPDATE ? static_cast<acc_t>(p_a[r]) : acc_t(0);
         if (STEPS && UPDATE && (fa[k] & kReset)) {  // step m ran on H = 0 (and p = 0)
           h = acc_t(0);
@@ -148,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
           }
           if (STEPS && zero_pre && (fa[k] & kReset)) sa = acc_t(0);
         }
-        Gout[(b0 + k) * plane + wo] = static_cast<trace_t>(g);
+        Gout[(b0 + k) * plane + wo] = g;
       }
       if (DRIVE) sums[k] = sb;
       if (UPDATE) sums[(DRIVE ? kTile : 0) + k] = sa;

@@ -732,7 +732,7 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   const int64_t seg_max = std::min(d.K, d.T);
   at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{cK+1} .. of a segment
 
-  trace_t* Gp = G.data_ptr<trace_t>();
+  acc_t* Gp = G.data_ptr<acc_t>();
   scalar_t* gpre = g_pre.data_ptr<scalar_t>();
   scalar_t* gdrive = g_drive.data_ptr<scalar_t>();
   scalar_t* ge = g_e.data_ptr<scalar_t>();
@@ -763,7 +763,7 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   };
 
   bool g_zero = !has_grad_hT;
-  const trace_t* Gin = has_grad_hT ? grad_hT.data_ptr<trace_t>() : Gp;
+  const acc_t* Gin = has_grad_hT ? grad_hT.data_ptr<acc_t>() : Gp;
   bool update_ran_next = false;  // the update half of step m+1 ran and set the slots of dL/dp_{m+1}
   for (int64_t m = d.T - 1; m >= 0; --m) {
     const int64_t s = m - m % d.K;
@@ -813,15 +813,23 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   }
 }
 
-// Calls f with std::true_type when there are step flags (sp not null), else std::false_type: the
-// kernels' STEPS policy. Without flags the kernels run as if the argument did not exist.
-template <typename F>
-void dispatch_steps(const uint8_t* sp, F&& f) {
-  if (sp != nullptr) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
+// Calls f(trace_t{}, steps_tag): trace_t is scalar_t, or c10::BFloat16 for float inputs with a bfloat16
+// trace, which takes the fused kernels only with step flags (fused_handles); steps_tag is
+// std::true_type when there are step flags (sp not null), else std::false_type: the kernels' STEPS
+// policy. Without flags the kernels run as if the argument did not exist.
+template <typename scalar_t, typename F>
+void dispatch_fused_trace(at::ScalarType trace, const uint8_t* sp, F&& f) {
+  if (sp == nullptr) {
+    f(scalar_t{}, std::false_type{});
+    return;
   }
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (trace == at::kBFloat16) {
+      f(c10::BFloat16{}, std::true_type{});
+      return;
+    }
+  }
+  f(scalar_t{}, std::true_type{});
 }
 
 ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
@@ -835,14 +843,15 @@ ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Ten
     return std::make_tuple(y, hT, ckpts);
   }
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda_fused", [&] {
-    dispatch_steps(sp, [&](auto steps_tag) {
+    dispatch_fused_trace<scalar_t>(h0.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
+      using trace_t = decltype(trace_tag);
       constexpr bool S = decltype(steps_tag)::value;
       if (rule == Rule::Oja) {
-        fused_forward_impl<scalar_t, scalar_t, true, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
-                                                        ckpts, sp);
+        fused_forward_impl<scalar_t, trace_t, true, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
+                                                       ckpts, sp);
       } else {
-        fused_forward_impl<scalar_t, scalar_t, false, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
-                                                         ckpts, sp);
+        fused_forward_impl<scalar_t, trace_t, false, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
+                                                        ckpts, sp);
       }
     });
   });
@@ -861,21 +870,26 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
                            at::zeros({d.B, d.n_in, d.n_out}, ckpts.options()));
   }
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
-  // every element of these is written by the kernels
-  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options());
+  // G = dL/dH in the accumulation type (a bfloat16 trace's dL/dH_T is read as float once, and dL/dH_0
+  // rounded to bfloat16 at the end); every element of these is written by the kernels
+  const auto acc = at::toOpMathType(grad_y.scalar_type());
+  const at::Tensor grad_hT_acc = has_grad_hT && grad_hT.scalar_type() != acc ? grad_hT.to(acc) : grad_hT;
+  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options().dtype(acc));
   at::Tensor g_pre = at::empty_like(pre);
   at::Tensor g_drive = at::empty({d.T, d.B, d.n_out}, opts);
   at::Tensor g_alpha = at::empty({d.n_in, d.n_out}, opts);
   at::Tensor g_e = at::empty({d.T, d.B, d.n_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda_fused", [&] {
-    dispatch_steps(sp, [&](auto steps_tag) {
+    dispatch_fused_trace<scalar_t>(ckpts.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
+      using trace_t = decltype(trace_tag);
       constexpr bool S = decltype(steps_tag)::value;
       if (rule == Rule::Oja) {
-        fused_backward_impl<scalar_t, scalar_t, true, S>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e,
-                                                         y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e, sp);
+        fused_backward_impl<scalar_t, trace_t, true, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
+                                                        e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e, sp);
       } else {
-        fused_backward_impl<scalar_t, scalar_t, false, S>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e,
-                                                          y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e, sp);
+        fused_backward_impl<scalar_t, trace_t, false, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
+                                                         e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e,
+                                                         sp);
       }
     });
   });
@@ -886,16 +900,18 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
     P = P.masked_fill(at::bitwise_and(*steps, static_cast<int64_t>(kReset)).to(at::kBool).unsqueeze(-1), 0);
   }
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
-  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
+  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G.to(ckpts.scalar_type()));  // a no-op but for bfloat16
 }
 
 // ------------------------------------------------------------------------------------------
 // Op entry points.
 
-// The fused kernels take float32 or float64 with a trace of the same dtype; 16-bit inputs and a
-// bfloat16 trace run on the previous kernels until the fused ones are instantiated for them.
-bool fused_handles(at::ScalarType io, at::ScalarType trace) {
-  return io == trace && (io == at::kFloat || io == at::kDouble);
+// The fused kernels take float32 or float64 with a trace of the same dtype, and, with step flags,
+// float32 inputs with a bfloat16 trace; 16-bit inputs, and a bfloat16 trace without flags, run on the
+// previous kernels until the fused ones are instantiated for them.
+bool fused_handles(at::ScalarType io, at::ScalarType trace, bool with_steps) {
+  if (io == trace && (io == at::kFloat || io == at::kDouble)) return true;
+  return with_steps && io == at::kFloat && trace == at::kBFloat16;
 }
 
 // The per-row step flags (docs/op_spec.md, "Episode resets and lengths"): None, or a contiguous (T, B)
@@ -907,9 +923,9 @@ const uint8_t* steps_for_fused(const c10::optional<at::Tensor>& steps, const Dim
   if (!check_steps(steps, d, like.device())) return nullptr;
   TORCH_CHECK(use_fused_kernels(), "plastic_ops: episode resets and lengths (steps) need the fused CUDA kernels "
               "(v2); unset PLASTIC_OPS_CUDA_KERNELS=v1");
-  TORCH_CHECK(fused_handles(io, trace), "plastic_ops: episode resets and lengths (steps) on CUDA need the fused "
-              "kernels, which take float32 or float64 inputs with a trace of the same dtype; got ", io,
-              " inputs with a ", trace, " trace");
+  TORCH_CHECK(fused_handles(io, trace, true), "plastic_ops: episode resets and lengths (steps) on CUDA need the "
+              "fused kernels, which take float32 or float64 inputs (and a trace of their dtype, or bfloat16 for "
+              "float32); got ", io, " inputs with a ", trace, " trace");
   return steps->data_ptr<uint8_t>();
 }
 
@@ -928,7 +944,7 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
   const uint8_t* sp = steps_for_fused(steps, d, drive, drive.scalar_type(), h0.scalar_type());
-  if (sp != nullptr || (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type()))) {
+  if (sp != nullptr || (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type(), false))) {
     return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, sp);
   }
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
@@ -965,7 +981,7 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const NoAutocast no_autocast;
   const uint8_t* sp = steps_for_fused(steps, d, grad_y, grad_y.scalar_type(), ckpts.scalar_type());
-  if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type()))) {
+  if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
     return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps, sp);
   }
   // Every gradient, dL/dH too, is accumulated in the inputs' accumulation type and returned in its
