@@ -116,15 +116,21 @@ def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurren
             if recurrent:
                 prev = torch.where(reset[:, None], prev.new_zeros(()), prev)
         p_t = prev if recurrent else pre[t]
+        d_t = None if drive is None else drive[t]
+        e_t = e[t]
+        if steps is not None:
+            # SKIP: the step reads none of its inputs (padding may hold anything, NaN included)
+            skip = (steps[t] & SKIP).bool()
+            p_t, e_t = torch.where(skip[:, None], p_t.new_zeros(()), p_t), torch.where(skip[:, None], e_t.new_zeros(()), e_t)
+            d_t = None if d_t is None else torch.where(skip[:, None], d_t.new_zeros(()), d_t)
         # a_t = p_t @ (w + alpha * H_t) + d_t, per episode
         a = p_t @ w + torch.einsum("bi,bij->bj", p_t, alpha * H)
-        if drive is not None:
-            a = a + drive[t]
+        if d_t is not None:
+            a = a + d_t
         y = round_to(activate(a, activation), dtype)
-        H_next = round_to(update_trace(H, p_t, y, e[t], rule, clip), trace_dtype)
+        H_next = round_to(update_trace(H, p_t, y, e_t, rule, clip), trace_dtype)
         if steps is not None:
-            # SKIP: the step does nothing: y_t = 0 (a constant), the trace passes through
-            skip = (steps[t] & SKIP).bool()
+            # and does nothing: y_t = 0 (a constant), the trace passes through
             y = torch.where(skip[:, None], y.new_zeros(()), y)
             H_next = torch.where(skip[:, None, None], H, H_next)
         H = H_next

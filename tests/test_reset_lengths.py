@@ -9,6 +9,7 @@ from plastic_ops import reference
 
 from _inputs import ALPHA_SHAPES, grad_inputs, loss_of, make_inputs, of_tensors
 from conftest import DEVICES
+from test_dtypes import PAIR_IDS, PAIRS, assert_match, eps
 
 FORMS = ("linear", "rnn")
 F64 = dict(rtol=1e-9, atol=1e-10)
@@ -117,22 +118,33 @@ def test_one_step_and_one_row(form, T, B, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("trace_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", FORMS)
-def test_float32(form, trace_dtype, device):
+def test_float32(form, device):
     args, mod = make_inputs(form, T=8, B=3, n_in=12, n_out=12, dtype=torch.float32, device=device, scale=0.2,
-                            modulation="shared", trace=trace_dtype == torch.float32)
+                            modulation="shared")
     reset, lengths = pattern("both", 8, 3, device)
-    if trace_dtype == torch.float32:
-        assert_fused_matches_reference(form, args, mod, dtype=torch.float32, reset=reset, lengths=lengths,
-                                       checkpoint_every=3)
-    else:  # the trace rounded at the same places: the forward agrees to float32 rounding of the sums
-        fused, ref = fns(form)
-        kw = dict(modulation=mod, reset=reset, lengths=lengths, checkpoint_every=3, trace_dtype=trace_dtype)
-        yf, hf = fused(*args, **kw)
-        yr, hr = ref(*args, **kw)
-        torch.testing.assert_close(yf, yr, rtol=2e-2, atol=2e-3)
-        torch.testing.assert_close(hf.float(), hr.float(), rtol=2e-2, atol=2e-3)
+    assert_fused_matches_reference(form, args, mod, dtype=torch.float32, reset=reset, lengths=lengths,
+                                   checkpoint_every=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_16_bit_inputs_and_traces(form, pair, device):
+    """Rounded where the kernels store, as in tests/test_dtypes.py: equal to a few units of the dtype."""
+    dtype, trace_dtype = pair
+    args, mod = make_inputs(form, T=7, B=3, n_in=5, n_out=6, dtype=dtype, device=device, seed=7,
+                            modulation="per_output")
+    args[4] = args[4].detach().to(trace_dtype).requires_grad_()
+    reset, lengths = pattern("both", 7, 3, device)
+    out = []
+    for fn in fns(form):
+        y, h = fn(*args, modulation=mod, reset=reset, lengths=lengths, rule="oja", clip=0.5, checkpoint_every=3,
+                  trace_dtype=trace_dtype)
+        out.append((y, h) + torch.autograd.grad(loss_of(y, h), grad_inputs(args, mod)))
+    e = eps(dtype, trace_dtype)
+    for i, (a, b) in enumerate(zip(*out)):
+        assert_match(a, b, e, f"output {i}")
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -448,3 +460,21 @@ def test_lengths_as_a_list_and_any_integer_dtype():
     for lengths in ([2, 4], torch.tensor([2, 4], dtype=torch.uint8), torch.tensor([2, 4], dtype=torch.int16)):
         y, h = plastic_ops.plastic_linear(*args, lengths=lengths)
         assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("form", FORMS)
+def test_flags_read_no_value_back(form, device):
+    """reset and a lengths on the device become the flags without a value read back to the host, so a
+    call with them can be captured into a CUDA graph (a CPU lengths is range-checked on the host)."""
+    from test_cuda_graphs import RecordOps
+    args, mod = make_inputs(form, T=5, B=3, n_in=4, n_out=4, device=device, seed=3)
+    reset, lengths = pattern("both", 5, 3, device)
+    kw = dict(reset=reset)
+    if device != "cpu":
+        kw["lengths"] = lengths.to(device)
+    with RecordOps() as rec:
+        y, h = fns(form)[0](*args, modulation=mod, checkpoint_every=2, **kw)
+        loss_of(y, h).backward()
+    assert f"plastic_ops.plastic_{form}_backward" in rec.names
+    assert rec.host_reads() == []

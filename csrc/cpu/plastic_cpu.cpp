@@ -780,8 +780,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // dL/dw = sum_t p_t^T ga_t as one GEMM over all steps.
   at::Tensor P_all = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
-  if (steps && recurrent) {  // a reset step's recurrent input was the constant 0
-    P_all = P_all.masked_fill(steps->bitwise_and(kReset).ne(0).unsqueeze(2), 0);
+  if (steps) {  // a skipped step reads no input (its ga is 0, its input may be NaN padding); a reset
+               // step's recurrent input was the constant 0
+    const at::Tensor unread = steps->bitwise_and(recurrent ? (kReset | kSkip) : kSkip).ne(0).unsqueeze(2);
+    P_all = P_all.masked_fill(unread, 0);
   }
   auto g_w = at::mm(P_all.reshape({d.T * d.B, d.n_in}).t(), g_drive.reshape({d.T * d.B, d.n_out}));
   return {g_pre.to(pre_in.scalar_type()), g_drive.to(grad_y_in.scalar_type()), g_w.to(w_in.scalar_type()),
