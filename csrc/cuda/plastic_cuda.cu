@@ -893,11 +893,13 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
       }
     });
   });
-  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps (ga_t is zero on skipped rows). In the recurrent
-  // form a RESET of step t made p_t the constant 0: those rows of P are zeroed (a select, not a product).
+  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps. With flags, the rows of P that the forward did
+  // not read are zeroed (a select, not a product): a skipped step's (its ga is 0, its input may be NaN
+  // padding) and, in the recurrent form, a reset step's (p_t was the constant 0).
   at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
-  if (recurrent && sp != nullptr) {
-    P = P.masked_fill(at::bitwise_and(*steps, static_cast<int64_t>(kReset)).to(at::kBool).unsqueeze(-1), 0);
+  if (sp != nullptr) {
+    const int64_t unread = recurrent ? (kReset | kSkip) : kSkip;
+    P = P.masked_fill(at::bitwise_and(*steps, unread).ne(0).unsqueeze(-1), 0);
   }
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
   return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G.to(ckpts.scalar_type()));  // a no-op but for bfloat16
