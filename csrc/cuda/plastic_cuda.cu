@@ -909,12 +909,21 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
 // Op entry points.
 
 // The fused kernels take float32 or float64 with a trace of the same dtype, and, with step flags,
-// float32 inputs with a bfloat16 trace; 16-bit inputs, and a bfloat16 trace without flags, run on the
-// previous kernels until the fused ones are instantiated for them.
+// float32 inputs with a bfloat16 trace; with step flags, 16-bit inputs run on them from float32 copies
+// (is_16bit below). Without flags, 16-bit inputs and a bfloat16 trace run on the previous kernels until
+// the fused ones are instantiated for them.
 bool fused_handles(at::ScalarType io, at::ScalarType trace, bool with_steps) {
   if (io == trace && (io == at::kFloat || io == at::kDouble)) return true;
   return with_steps && io == at::kFloat && trace == at::kBFloat16;
 }
+
+bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// 16-bit inputs with step flags: the fused kernels on float32 copies. Unlike the other paths, y_t stays
+// in float32 through the recurrence and is rounded once, when returned; the backward reads that rounded
+// y, so its gradients are those of the other paths to about a unit of the 16-bit dtype (docs/cuda.md,
+// "Step flags"). The gradients come back in each input's dtype.
+at::Tensor as_float(const at::Tensor& t) { return is_16bit(t.scalar_type()) ? t.to(at::kFloat) : t; }
 
 // The per-row step flags (docs/op_spec.md, "Episode resets and lengths"): None, or a contiguous (T, B)
 // uint8 tensor on the op's device. Returns its data, or null without flags. Only the fused kernels
@@ -925,7 +934,8 @@ const uint8_t* steps_for_fused(const c10::optional<at::Tensor>& steps, const Dim
   if (!check_steps(steps, d, like.device())) return nullptr;
   TORCH_CHECK(use_fused_kernels(), "plastic_ops: episode resets and lengths (steps) need the fused CUDA kernels "
               "(v2); unset PLASTIC_OPS_CUDA_KERNELS=v1");
-  TORCH_CHECK(fused_handles(io, trace, true), "plastic_ops: episode resets and lengths (steps) on CUDA need the "
+  TORCH_CHECK(fused_handles(is_16bit(io) ? at::kFloat : io, trace, true),
+              "plastic_ops: episode resets and lengths (steps) on CUDA need the "
               "fused kernels, which take float32 or float64 inputs (and a trace of their dtype, or bfloat16 for "
               "float32); got ", io, " inputs with a ", trace, " trace");
   return steps->data_ptr<uint8_t>();
@@ -946,6 +956,11 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
   const uint8_t* sp = steps_for_fused(steps, d, drive, drive.scalar_type(), h0.scalar_type());
+  if (sp != nullptr && is_16bit(drive.scalar_type())) {
+    auto out = fused_forward(recurrent, as_float(pre), as_float(drive), as_float(w), as_float(alpha), as_float(e), h0,
+                             rule, act, clip, d, sp);
+    return std::make_tuple(std::get<0>(out).to(drive.scalar_type()), std::get<1>(out), std::get<2>(out));
+  }
   if (sp != nullptr || (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type(), false))) {
     return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, sp);
   }
@@ -983,6 +998,13 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const NoAutocast no_autocast;
   const uint8_t* sp = steps_for_fused(steps, d, grad_y, grad_y.scalar_type(), ckpts.scalar_type());
+  if (sp != nullptr && is_16bit(grad_y.scalar_type())) {
+    auto g = fused_backward(recurrent, as_float(grad_y), grad_hT, as_float(pre), as_float(w), as_float(alpha),
+                            as_float(e), as_float(y), ckpts, rule, act, clip, d, steps, sp);
+    return std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(grad_y.scalar_type()),
+                           std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
+                           std::get<4>(g).to(e.scalar_type()), std::get<5>(g));
+  }
   if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
     return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps, sp);
   }
