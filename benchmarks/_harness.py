@@ -8,7 +8,14 @@ number in benchmarks/RESULTS.md comes from the same definitions:
   mode (``fwd``: forward only, no autograd graph; ``fwdbwd``: forward then backward of y with a fixed
   random upstream gradient, w, alpha and eta all requiring grad) and device;
 * an *implementation* is ``fused`` (plastic_ops.plastic_*), ``eager`` (plastic_ops.reference.plastic_*)
-  or ``compile`` (torch.compile of that same reference function);
+  or ``compile`` (torch.compile of that same reference function); on a case with episodes also
+  ``fused-unmasked`` (the fused op on the same batch without the reset mask / lengths: what the mask
+  costs) and ``fused-split`` (the fused op without the mask, called once per run of steps between
+  consecutive episode boundaries, the state of the rows that reset zeroed in between);
+* a case's *episodes* are ``none`` (one episode per row, the op as before), ``every:K`` (each row
+  starts a new episode every K steps, at an offset of its own: row b at the steps t > 0 with
+  t = (b * K // B) mod K, passed as ``reset``) or ``lengths`` (row b runs lengths[b] steps, drawn
+  uniformly in [ceil(T / 2), T] from the case's seed, passed as ``lengths``);
 * one *step* runs one call of an implementation on a case, synchronising the GPU, so that a wall-clock
   timer around it measures the whole call.
 """
@@ -32,7 +39,9 @@ import torch
 import plastic_ops
 from plastic_ops import _extension, reference
 
-IMPLS = ("fused", "eager", "compile")
+IMPLS = ("fused", "eager", "compile")  # the default set of a comparison
+EPISODE_IMPLS = ("fused-unmasked", "fused-split")  # meant for cases with episodes
+ALL_IMPLS = IMPLS + EPISODE_IMPLS
 FORMS = ("rnn", "linear")
 MODES = ("fwd", "fwdbwd")
 ALPHA_SHAPES = ("synapse", "row", "column", "scalar")
@@ -56,8 +65,10 @@ class Case:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    episodes: str = "none"
 
     def __post_init__(self):
+        parse_episodes(self.episodes)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.mode not in MODES:
@@ -70,10 +81,14 @@ class Case:
     @property
     def label(self) -> str:
         return (f"{self.form} {self.mode} N={self.n} B={self.batch} T={self.steps} "
-                f"{self.rule}/{self.activation} alpha={self.alpha} {self.device}")
+                f"{self.rule}/{self.activation} alpha={self.alpha} {self.device}"
+                + ("" if self.episodes == "none" else f" episodes={self.episodes}"))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["episodes"] == "none":  # the records of a case without episodes stay as they were
+            del d["episodes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Case":
@@ -95,6 +110,48 @@ class Case:
         if self.mode == "fwd":
             return 6 * self.trace_bytes
         return 6 * self.steps * self.trace_bytes
+
+
+def parse_episodes(spec: str):
+    """("none",), ("every", K) or ("lengths",) from "none", "every:K" (K >= 1) or "lengths"."""
+    if spec in ("none", "lengths"):
+        return (spec,)
+    kind, _, k = str(spec).partition(":")
+    if kind == "every" and k.isdigit() and int(k) >= 1:
+        return ("every", int(k))
+    raise ValueError(f"episodes must be none, every:K (K >= 1) or lengths, got {spec!r}")
+
+
+def episode_masks(case: Case) -> dict:
+    """The episode arguments of a case: {} (none), {"reset": (T, B) bool} or {"lengths": (B,) int64}.
+
+    every:K: row b starts a new episode at the steps t > 0 with t = (b * K // B) mod K, so the rows'
+    offsets spread over [0, K) (all distinct when K >= B). lengths: uniform in [ceil(T / 2), T], from
+    a generator of its own seeded from the case's seed (the other inputs are drawn as without episodes).
+    """
+    ep = parse_episodes(case.episodes)
+    T, B = case.steps, case.batch
+    if ep[0] == "none":
+        return {}
+    if ep[0] == "every":
+        K = ep[1]
+        t = torch.arange(T)[:, None]
+        offset = torch.tensor([(b * K // B) % K for b in range(B)])[None, :]
+        reset = (t > 0) & ((t - offset) % K == 0)
+        return {"reset": reset.to(case.device)}
+    g = torch.Generator().manual_seed(case.seed + 7919)
+    lengths = torch.randint((T + 1) // 2, T + 1, (B,), generator=g, dtype=torch.int64)
+    return {"lengths": lengths.to(case.device)}
+
+
+def episode_boundaries(case: Case) -> List[int]:
+    """Steps 0 < t < T at which at least one row starts a new episode or stops: the union over rows."""
+    m = episode_masks(case)
+    if "reset" in m:
+        return [t for t in m["reset"].any(dim=1).nonzero().flatten().tolist() if t > 0]
+    if "lengths" in m:
+        return sorted({v for v in m["lengths"].tolist() if v < case.steps})
+    return []
 
 
 def make_inputs(case: Case) -> dict:
@@ -122,20 +179,105 @@ def make_inputs(case: Case) -> dict:
     }
     if grad:
         args["grad_y"] = rand(T, B, N)
+    args.update(episode_masks(case))  # reset or lengths; nothing for episodes=none
     return args
 
 
 def op_function(impl: str, form: str, compile_kwargs: Optional[dict] = None) -> Callable:
-    """The callable of an implementation: fused op, eager reference, or torch.compile of the reference."""
-    if impl == "fused":
+    """The callable of an implementation: fused op, eager reference, or torch.compile of the reference.
+
+    Every one takes the episode arguments (reset=..., lengths=...) of a case that has them;
+    fused-unmasked drops them and fused-split implements them with separate calls.
+    """
+    if impl in ("fused", "fused-unmasked", "fused-split"):
         _extension.require()  # when not built: a RuntimeError with the reason and how to build it
-        return plastic_ops.plastic_rnn if form == "rnn" else plastic_ops.plastic_linear
+        fused = plastic_ops.plastic_rnn if form == "rnn" else plastic_ops.plastic_linear
+        if impl == "fused":
+            return fused
+        if impl == "fused-unmasked":
+            def unmasked(x, w, alpha, eta, reset=None, lengths=None, **kw):
+                return fused(x, w, alpha, eta, **kw)
+            return unmasked
+        return SplitEpisodes(fused, recurrent=form == "rnn")
     ref = reference.plastic_rnn if form == "rnn" else reference.plastic_linear
     if impl == "eager":
         return ref
     if impl == "compile":
         return torch.compile(ref, **(compile_kwargs or {}))
-    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+    raise ValueError(f"unknown implementation {impl!r}; choose from {ALL_IMPLS}")
+
+
+class SplitEpisodes:
+    """Episode resets and lengths without the op's mask: one unmasked call per run of steps.
+
+    The steps are cut at every boundary of any row (the union of the rows' resets and ends); each
+    piece is one call of the fused op, carrying the trace (and, recurrent, the last output as y0)
+    from the previous piece. Before a piece, the rows that reset get a zero state (torch.where, so no
+    gradient reaches the old one); rows that have ended are left out of the call (a batch subset),
+    their outputs are zeros and their trace stays the one after their last step. Everything stays
+    differentiable, so forward+backward is one autograd graph over all the calls. The plan (the
+    pieces, the rows to zero, the active rows) is made once per mask, outside the timed calls.
+    """
+
+    def __init__(self, fn: Callable, recurrent: bool):
+        self.fn = fn
+        self.recurrent = recurrent
+        self._key = None
+        self._plan = None
+
+    def plan(self, T: int, reset, lengths) -> list:
+        if self._key is not None and self._key[0] is reset and self._key[1] is lengths and self._key[2] == T:
+            return self._plan
+        cuts = set()
+        if reset is not None:
+            cuts |= {t for t in reset.any(dim=1).nonzero().flatten().tolist() if 0 < t < T}
+        if lengths is not None:
+            cuts |= {v for v in lengths.tolist() if 0 < v < T}
+        bounds = [0] + sorted(cuts) + [T]
+        plan = []
+        for t0, t1 in zip(bounds[:-1], bounds[1:]):
+            zero = reset[t0] if reset is not None and t0 > 0 and bool(reset[t0].any()) else None
+            active = None
+            if lengths is not None:
+                on = lengths > t0
+                if not bool(on.all()):
+                    active = on.nonzero().flatten()
+            plan.append((t0, t1, zero, active))
+        self._key, self._plan = (reset, lengths, T), plan
+        return plan
+
+    def __call__(self, x, w, alpha, eta, reset=None, lengths=None, **kw):
+        if reset is None and lengths is None:
+            return self.fn(x, w, alpha, eta, **kw)
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+        T = x.shape[0]
+        H = y_prev = None
+        pieces = []
+        for t0, t1, zero, active in self.plan(T, reset, lengths):
+            if zero is not None:  # t0 > 0: H and y_prev exist
+                H = torch.where(zero[:, None, None], H.new_zeros(()), H)
+                if self.recurrent:
+                    y_prev = torch.where(zero[:, None], y_prev.new_zeros(()), y_prev)
+            if active is not None and active.numel() == 0:  # every row has ended: zeros, nothing to run
+                pieces.append(pieces[-1].new_zeros((t1 - t0,) + pieces[-1].shape[1:]))
+                continue
+            xs = x[t0:t1]
+            state = {"trace": H}
+            if self.recurrent:
+                state["y0"] = y_prev
+            if active is not None:
+                xs = xs.index_select(1, active)
+                state = {k: v.index_select(0, active) for k, v in state.items()}
+            y, h = self.fn(xs, w, alpha, eta, **state, **kw)
+            if active is None:
+                pieces.append(y)
+                H, y_prev = h, y[-1]
+            else:
+                pieces.append(y.new_zeros((t1 - t0, x.shape[1]) + y.shape[2:]).index_copy(1, active, y))
+                H = H.index_copy(0, active, h)
+                y_prev = y_prev.index_copy(0, active, y[-1])
+        return torch.cat(pieces), H
 
 
 def synchronize(device: str) -> None:
@@ -146,11 +288,13 @@ def synchronize(device: str) -> None:
 def make_step(case: Case, fn: Callable, args: dict) -> Callable[..., Optional[dict]]:
     """One call of ``fn`` on the case, GPU-synchronised; ``step(capture=True)`` also returns outputs.
 
+    A case with episodes passes its reset mask or lengths to ``fn`` as keywords.
     fwd runs under torch.no_grad (an inference call: the fused op then saves no checkpoints, the
     reference builds no graph). fwdbwd backpropagates grad_y through y (the final trace is not used
     by the loss) and drops the parameter gradients before each call, so that nothing accumulates.
     """
     kw = dict(rule=case.rule, activation=case.activation)
+    kw.update({k: args[k] for k in ("reset", "lengths") if k in args})  # a case with episodes
     params = [args["w"], args["alpha"], args["eta"]]
 
     if case.mode == "fwd":

@@ -3,6 +3,7 @@
     python -m benchmarks.compare --device cpu --headline --out results/headline-cpu
     python -m benchmarks.compare --device cpu --quick --out results/quick-cpu
     python -m benchmarks.compare --device cuda --sizes 128 512 1000 --batches 1 8 32 128 --out results/sweep-cuda
+    python -m benchmarks.compare --device cpu --sizes 100 --batches 32 --steps 200 --mode fwdbwd --episodes every:50 --impls fused,fused-unmasked,fused-split,eager --out results/episodes-cpu
 
 Every case runs in a fresh child process (benchmarks/_child.py) that holds all the requested
 implementations at once and times them in interleaved rounds, so their ratio is measured under the
@@ -18,6 +19,14 @@ Peak memory (--memory, and always with --headline):
         compiles and runs once, then resets the peak counter, so that compilation is not counted.
   cuda  in the timing child: torch.cuda.max_memory_allocated during one call, minus the memory
         allocated before it.
+
+Episodes (--episodes every:K or lengths): each row of the batch starts new episodes (a reset mask)
+or stops early (lengths); fused passes them to the op, fused-unmasked makes the same call without
+them (what the mask costs: fused/fused-unmasked), fused-split runs the op without a mask once per
+run of steps between boundaries, zeroing the state of the rows that reset (fused-split/fused: what
+the mask saves), eager passes them to the reference. Both ratios come with the spread of their
+per-round values (the rounds are interleaved, so a round's samples are paired), and fused-split's
+outputs and gradients are checked against fused's.
 
 Outputs in --out: results.json (every figure and raw sample), results.csv (one row per case and
 implementation), results.md (the table, with machine, date, torch version and command), and
@@ -49,6 +58,17 @@ TARGETS = {"cpu": CPU_TARGETS, "cuda": CUDA_TARGETS}
 QUICK = dict(sizes=[128, 512], batches=[1, 8], steps=[10])
 SWEEP = dict(sizes=[128, 512, 1000], batches={"cpu": [1, 8, 32], "cuda": [1, 8, 32, 128]}, steps=[10, 106])
 HEADLINE = {"cpu": dict(n=1000, batches=[1, 8], steps=106), "cuda": dict(n=1001, batches=[1, 32, 128], steps=106)}
+
+
+EPISODE_TARGETS = {"fused/fused-unmasked": ("<=", 1.05), "fused-split/fused": (">=", 4.0)}
+
+
+def _episodes(text: str) -> str:
+    try:
+        H.parse_episodes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return text
 
 
 def _csv_list(kind: str, allowed=None):
@@ -84,9 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", metavar="B",
                    help=f"batch sizes B (default cpu {SWEEP['batches']['cpu']}, cuda {SWEEP['batches']['cuda']})")
     p.add_argument("--steps", type=int, nargs="+", metavar="T", help=f"sequence lengths T (default {SWEEP['steps']})")
-    p.add_argument("--impls", type=_csv_list("implementation", H.IMPLS), default=None,
-                   help="comma-separated implementations among fused,eager,compile "
-                        "(default all three; fused,eager with --quick and --headline)")
+    p.add_argument("--impls", type=_csv_list("implementation", H.ALL_IMPLS), default=None,
+                   help="comma-separated implementations among fused,eager,compile,fused-unmasked,fused-split "
+                        "(default fused,eager,compile; fused,eager with --quick and --headline; "
+                        "fused,fused-unmasked,fused-split,eager with --episodes other than none)")
+    p.add_argument("--episodes", type=_episodes, nargs="+", default=["none"], metavar="SPEC",
+                   help="episode structure of each row, crossed with the other options: none (one episode, "
+                        "the default), every:K (a reset every K steps, each row at its own offset "
+                        "(b * K // B) mod K), lengths (row lengths uniform in [T/2, T] from --seed)")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default=None,
                    help="forward only (no autograd graph), forward+backward, or both (default both; "
                         "fwdbwd with --headline)")
@@ -144,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(a: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if a.headline and (a.sizes or a.batches or a.steps or a.mode not in (None, "fwdbwd")):
         parser.error("--headline fixes N, B, T and the mode; drop --sizes/--batches/--steps/--mode")
+    a.episodes = list(dict.fromkeys(a.episodes))
+    episodes = a.episodes != ["none"]
+    if a.headline and episodes:
+        parser.error("--headline has no episodes; use --sizes 1000 --batches 8 --steps 106 --episodes ...")
     if any(v < 1 for v in (a.sizes or []) + (a.batches or []) + (a.steps or [])):
         parser.error("--sizes, --batches and --steps must be positive integers")
     if a.device == "cuda":
@@ -152,7 +181,8 @@ def resolve_settings(a: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error("--device cuda: torch sees no CUDA device on this machine "
                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
     small = a.quick or a.headline
-    a.impls = a.impls or (["fused", "eager"] if small else list(H.IMPLS))
+    a.impls = a.impls or (["fused", "fused-unmasked", "fused-split", "eager"] if episodes
+                          else ["fused", "eager"] if small else list(H.IMPLS))
     a.mode = a.mode or ("fwdbwd" if a.headline else "both")
     a.budget = a.budget if a.budget is not None else (3.0 if a.quick else 8.0)
     a.min_rounds = a.min_rounds if a.min_rounds is not None else 3
@@ -168,7 +198,7 @@ def resolve_settings(a: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         else:
             import torch
             a.mem_limit_gb = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
-    if "fused" in a.impls:
+    if any(i.startswith("fused") for i in a.impls):
         import plastic_ops
         if not plastic_ops.extension_available():
             print("warning: the compiled extension is not built, so the fused op will be recorded as an error "
@@ -187,8 +217,8 @@ def build_cases(a: argparse.Namespace) -> List[H.Case]:
     batches = a.batches or (base["batches"][a.device] if isinstance(base["batches"], dict) else base["batches"])
     steps = a.steps or base["steps"]
     cases = [H.Case(form=f, n=n, batch=b, steps=t, rule=r, activation=act, alpha=a.alpha, mode=m,
-                    device=a.device, seed=a.seed)
-             for f in a.forms for r in a.rules for act in a.activations for m in modes
+                    device=a.device, seed=a.seed, episodes=ep)
+             for ep in a.episodes for f in a.forms for r in a.rules for act in a.activations for m in modes
              for n in sizes for t in steps for b in batches]
     return cases
 
@@ -346,7 +376,7 @@ def run_case(case: H.Case, recs: List[dict], a: argparse.Namespace, runner: Chil
                 if r["status"] == "timeout":
                     rows[impl]["compile_s"] = None
             elif ev == "check":
-                rows[impl]["max_rel_err_vs_eager"] = r["max_rel_err"]
+                rows[impl][f"max_rel_err_vs_{r.get('against', 'eager')}"] = r["max_rel_err"]
             elif ev == "cuda_mem":
                 rows[impl].update(peak_mb=r["peak_bytes"] / H.MB, peak_method="cuda max_memory_allocated")
             elif ev == "timing":
@@ -395,7 +425,34 @@ def run_case(case: H.Case, recs: List[dict], a: argparse.Namespace, runner: Chil
             row["speedup_vs_compile"] = med["compile"] / med[impl] if "compile" in med else None
         if impl in mem and "eager" in mem and mem["eager"] > 0:
             row["mem_fraction_of_eager"] = mem[impl] / mem["eager"]
+    # Episodes: what the mask costs (fused/fused-unmasked) and what it saves (fused-split/fused).
+    for name, (num, den) in EPISODE_RATIOS.items():
+        if num in med and den in med:
+            rows["fused"].update(paired_ratio(rows[num], rows[den], name))
+    if case.episodes != "none":
+        for row in rows.values():
+            row["boundaries"] = len(H.episode_boundaries(case))
     return {"case": case.to_dict(), "rows": list(rows.values()), "records": records, "env": env}
+
+
+EPISODE_RATIOS = {"fused/fused-unmasked": ("fused", "fused-unmasked"), "fused-split/fused": ("fused-split", "fused")}
+
+
+def ratio_key(name: str) -> str:
+    return name.replace("-", "_").replace("/", "_over_")
+
+
+def paired_ratio(num: dict, den: dict, name: str) -> dict:
+    """num/den as the ratio of their medians, and the median and quartiles of the per-round ratios.
+
+    The rounds are interleaved, so sample r of both was taken in the same round, under the same load.
+    """
+    key = ratio_key(name)
+    per_round = [x / y for x, y in zip(num["samples_ms"], den["samples_ms"])]
+    st = H.summarize(per_round)
+    return {key: num["median_ms"] / den["median_ms"], f"{key}_round_median": st["median_s"],
+            f"{key}_round_q1": st["q1_s"], f"{key}_round_q3": st["q3_s"], f"{key}_round_min": st["min_s"],
+            f"{key}_round_max": st["max_s"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,11 +472,17 @@ def _cell(row: Optional[dict], key: str, fmt: str) -> str:
 
 def markdown_table(results: List[dict], impls: List[str]) -> str:
     """One line per case: medians (ms), ratios eager/x and compile/x, peak memories (MB)."""
-    head = ["form", "mode", "N", "B", "T", "rule/act"] + [f"{i} ms" for i in impls]
+    episodes = any(res["case"].get("episodes", "none") != "none" for res in results)
+    ratios = [n for n, (x, y) in EPISODE_RATIOS.items() if x in impls and y in impls]
+    head = ["form", "mode", "N", "B", "T", "rule/act"] + (["episodes", "boundaries"] if episodes else []) \
+        + [f"{i} ms" for i in impls]
     if "eager" in impls:
         head += [f"eager/{i}" for i in impls if i != "eager"]
     if "compile" in impls and "fused" in impls:
         head += ["compile/fused"]
+    head += [f"{n} [per round: q1, median, q3]" for n in ratios]
+    if "fused-split" in impls and "fused" in impls:
+        head += ["fused-split vs fused err"]
     has_mem = any(r.get("peak_mb") is not None for res in results for r in res["rows"])
     if has_mem:
         head += [f"{i} MB" for i in impls]
@@ -432,11 +495,19 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
         by = {r["impl"]: r for r in res["rows"]}
         c = res["case"]
         cells = [c["form"], c["mode"], str(c["n"]), str(c["batch"]), str(c["steps"]), f"{c['rule']}/{c['activation']}"]
+        if episodes:
+            cells += [c.get("episodes", "none"), _f(by[impls[0]].get("boundaries", 0), "{}")]
         cells += [_cell(by.get(i), "median_ms", "{:.3g}") for i in impls]
         if "eager" in impls:
             cells += [_f(by[i].get("speedup_vs_eager"), "{:.2f}x") for i in impls if i != "eager"]
         if "compile" in impls and "fused" in impls:
             cells += [_f(by["fused"].get("speedup_vs_compile"), "{:.2f}x")]
+        for n in ratios:
+            k, f = ratio_key(n), by["fused"]
+            cells += [_f(f.get(k), "{:.3f}x") + (f" [{f[k + '_round_q1']:.3f}, {f[k + '_round_median']:.3f}, "
+                                                 f"{f[k + '_round_q3']:.3f}]" if f.get(k) is not None else "")]
+        if "fused-split" in impls and "fused" in impls:
+            cells += [_f(by["fused-split"].get("max_rel_err_vs_fused"), "{:.1e}")]
         if has_mem:
             cells += [_f(by[i].get("peak_mb"), "{:.0f}") for i in impls]
         if "compile" in impls:
@@ -447,13 +518,38 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
             cells += [_f(f.get("trace_gbs"), "{:.0f}"), _f(f.get("copy_gbs"), "{:.0f}"),
                       _f(f.get("bw_fraction"), "{:.0%}")]
         lines.append("| " + " | ".join(cells) + " |")
+    targets = episode_verdicts(results, ratios)
     notes = sorted({f"{r['impl']} at {res['case']['form']} {res['case']['mode']} N={res['case']['n']} "
                     f"B={res['case']['batch']} T={res['case']['steps']}: {r['status']}: "
                     f"{(r['error'] or '-').splitlines()[0][:200]}"
                     for res in results for r in res["rows"] if r["status"] != "ok"})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    if targets:
+        lines += [""] + targets
     return "\n".join(lines)
+
+
+def episode_verdicts(results: List[dict], ratios: List[str]) -> List[str]:
+    """A line per case with episodes and ratio: the ratio of medians against its target (never asserted)."""
+    out = []
+    for res in results:
+        c = res["case"]
+        if c.get("episodes", "none") == "none":
+            continue
+        f = next((r for r in res["rows"] if r["impl"] == "fused"), {})
+        for n in ratios:
+            k = ratio_key(n)
+            if f.get(k) is None:
+                continue
+            op, tgt = EPISODE_TARGETS[n]
+            ok = f[k] <= tgt if op == "<=" else f[k] >= tgt
+            out.append(f"- {c['form']} {c['mode']} N={c['n']} B={c['batch']} T={c['steps']} episodes={c['episodes']}: "
+                       f"{n} = {f[k]:.3f}x of medians (per round: median {f[k + '_round_median']:.3f}x, "
+                       f"quartiles [{f[k + '_round_q1']:.3f}, {f[k + '_round_q3']:.3f}], range "
+                       f"[{f[k + '_round_min']:.3f}, {f[k + '_round_max']:.3f}], {f.get('rounds')} rounds); "
+                       f"target {op} {tgt:g}x: {'met' if ok else 'not met'}")
+    return out
 
 
 def headline_table(results: List[dict], device: str) -> str:
@@ -517,20 +613,25 @@ ROW_FIELDS = ["form", "mode", "device", "n", "batch", "steps", "rule", "activati
               "status", "median_ms", "q1_ms", "q3_ms", "min_ms", "rounds", "inner", "speedup_vs_eager",
               "speedup_vs_compile", "first_call_s", "compile_s", "peak_mb", "mem_fraction_of_eager", "peak_method",
               "max_rel_err_vs_eager", "fwd_ms", "trace_gbs", "copy_gbs", "bw_fraction", "error"]
+# Columns added only when some row has them (runs without episodes keep the columns above).
+EPISODE_FIELDS = ["episodes", "boundaries", "max_rel_err_vs_fused"] + [
+    ratio_key(n) + s for n in EPISODE_RATIOS for s in ("", "_round_median", "_round_q1", "_round_q3")]
 
 
 def write_outputs(out: Path, results: List[dict], a: argparse.Namespace, command: str, env: dict) -> str:
     rows = [r for res in results for r in res["rows"]]
-    settings = {k: v for k, v in vars(a).items()}
+    # episodes=none (the default) leaves the settings as they were before the option existed.
+    settings = {k: v for k, v in vars(a).items() if not (k == "episodes" and v == ["none"])}
     (out / "results.json").write_text(json.dumps(
         {"command": command, "env": env, "settings": settings, "rows": rows,
          "targets": TARGETS.get(a.device, {}) if a.headline else {},
          "cases": [{"case": res["case"], "records": res["records"]} for res in results]}, indent=1, default=str) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        fields = ROW_FIELDS + [k for k in EPISODE_FIELDS if any(k in r for r in rows)]
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in ROW_FIELDS})
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in fields})
     parts = [env_header(env, a, command), ""]
     if a.headline:
         parts += [headline_table(results, a.device), ""]

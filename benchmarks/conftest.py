@@ -34,9 +34,9 @@ def bench_device(request) -> str:
 @pytest.fixture(scope="session")
 def bench_impls(request) -> list:
     impls = [s.strip() for s in request.config.getoption("--bench-impls").split(",") if s.strip()]
-    bad = [i for i in impls if i not in H.IMPLS]
+    bad = [i for i in impls if i not in H.ALL_IMPLS]
     if bad:
-        raise pytest.UsageError(f"--bench-impls: unknown {bad}; choose from {H.IMPLS}")
+        raise pytest.UsageError(f"--bench-impls: unknown {bad}; choose from {H.ALL_IMPLS}")
     return impls
 
 

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 STYLE = {"fused": dict(color="tab:blue", marker="o"), "eager": dict(color="tab:orange", marker="s"),
-         "compile": dict(color="tab:green", marker="^")}
+         "compile": dict(color="tab:green", marker="^"), "fused-unmasked": dict(color="tab:cyan", marker="v"),
+         "fused-split": dict(color="tab:red", marker="D")}
 
 
 def plot_time_vs_batch(rows: Iterable[dict], path, title: str = "") -> List[Path]:
@@ -35,14 +36,15 @@ def plot_time_vs_batch(rows: Iterable[dict], path, title: str = "") -> List[Path
     path = Path(path)
     written = []
     for gi, (key, grows) in enumerate(sorted(groups.items())):
-        panels = sorted({(r["mode"], r["n"], r["steps"]) for r in grows},
-                        key=lambda p: (p[0] != "fwd", p[1], p[2]))
+        panels = sorted({(r["mode"], r["n"], r["steps"], r.get("episodes", "none")) for r in grows},
+                        key=lambda p: (p[0] != "fwd", p[1], p[2], p[3]))
         ncol = min(3, len(panels))
         nrow = -(-len(panels) // ncol)
         fig, axes = plt.subplots(nrow, ncol, figsize=(max(5.5, 4.2 * ncol), 0.5 + 3.3 * nrow), squeeze=False)
-        for ax, (mode, n, steps) in zip(axes.flat, panels):
-            sel = [r for r in grows if (r["mode"], r["n"], r["steps"]) == (mode, n, steps)]
-            for impl in ("fused", "eager", "compile"):
+        for ax, (mode, n, steps, episodes) in zip(axes.flat, panels):
+            sel = [r for r in grows if (r["mode"], r["n"], r["steps"], r.get("episodes", "none"))
+                   == (mode, n, steps, episodes)]
+            for impl in STYLE:
                 pts = sorted((r["batch"], r["median_ms"], r.get("q1_ms"), r.get("q3_ms"))
                              for r in sel if r["impl"] == impl)
                 if not pts:
@@ -58,7 +60,8 @@ def plot_time_vs_batch(rows: Iterable[dict], path, title: str = "") -> List[Path
             batches = sorted({r["batch"] for r in sel})
             ax.set_xticks(batches, [str(b) for b in batches])  # the measured B, not powers of two
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_title(f"{mode}  N={n}  T={steps}", fontsize=9)
+            ax.set_title(f"{mode}  N={n}  T={steps}" + ("" if episodes == "none" else f"  episodes {episodes}"),
+                         fontsize=9)
             ax.set_xlabel("batch size B")
             ax.set_ylabel("median time per call (ms)")
             ax.grid(True, which="both", alpha=0.3)

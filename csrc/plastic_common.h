@@ -106,6 +106,21 @@ inline Dims check_canonical(const at::Tensor& pre, const at::Tensor& drive, cons
   return d;
 }
 
+// The bits of the per-step flags `steps` (docs/op_spec.md, "Episode resets and lengths").
+constexpr uint8_t kReset = 1, kSkip = 2;
+
+// steps: None, or (T, B) uint8, contiguous, on the op's device. Returns whether flags are given.
+inline bool check_steps(const c10::optional<at::Tensor>& steps, const Dims& d, const at::Device& device) {
+  if (!steps.has_value() || !steps->defined()) return false;
+  const at::Tensor& s = *steps;
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == d.T && s.size(1) == d.B, "plastic_ops: steps must be (T, B) = (", d.T,
+              ", ", d.B, "), got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kByte, "plastic_ops: steps must be uint8, got ", s.scalar_type());
+  TORCH_CHECK(s.is_contiguous(), "plastic_ops: steps must be contiguous");
+  TORCH_CHECK(s.device() == device, "plastic_ops: steps is on ", s.device(), " but the other tensors are on ", device);
+  return true;
+}
+
 // A 1-D empty grad_hT stands for dL/dH_T = 0 (the caller's gradient was None), so that no
 // trace of zeros is built, copied or read (docs/op_spec.md, "Checkpointing").
 inline bool is_zero_grad_marker(const at::Tensor& grad_hT) { return grad_hT.dim() == 1 && grad_hT.numel() == 0; }
@@ -142,26 +157,28 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 using ForwardImpl = ForwardResult (*)(bool recurrent, const at::Tensor& pre, const at::Tensor& drive,
                                       const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                                       const at::Tensor& h0, c10::string_view rule, c10::string_view activation,
-                                      c10::optional<double> clip, int64_t K);
+                                      c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps);
 using BackwardImpl = BackwardResult (*)(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                                         const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
                                         const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
                                         c10::string_view rule, c10::string_view activation,
-                                        c10::optional<double> clip, int64_t K);
+                                        c10::optional<double> clip, int64_t K,
+                                        const c10::optional<at::Tensor>& steps);
 
 template <ForwardImpl F, bool Recurrent>
 ForwardResult forward_form(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
-                           c10::string_view activation, c10::optional<double> clip, int64_t K) {
-  return F(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K);
+                           c10::string_view activation, c10::optional<double> clip, int64_t K,
+                           const c10::optional<at::Tensor>& steps) {
+  return F(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps);
 }
 
 template <BackwardImpl F, bool Recurrent>
 BackwardResult backward_form(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
                              const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
                              const at::Tensor& ckpts, c10::string_view rule, c10::string_view activation,
-                             c10::optional<double> clip, int64_t K) {
-  return F(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K);
+                             c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps) {
+  return F(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps);
 }
 
 // Registers one backend's kernels for the four ops of csrc/plastic_op.cpp.

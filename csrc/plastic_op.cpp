@@ -16,15 +16,18 @@ TORCH_LIBRARY(plastic_ops, m) {
   // Canonical shapes: x (T,B,N_in) | y0 (B,N); drive (T,B,N_out); w, alpha (N_in,N_out);
   // e (T,B,N_out); h0 (B,N_in,N_out). Returns y (T,B,N_out), H_T, and the checkpoints
   // (C,B,N_in,N_out) with C = ceil(T/K), none when checkpoint_every == 0.
+  // steps: None or (T,B) uint8 flags, RESET = 1, SKIP = 2 (docs/op_spec.md, "Episode resets and lengths").
   m.def("plastic_linear_forward(Tensor x, Tensor drive, Tensor w, Tensor alpha, Tensor e, Tensor h0, "
-        "str rule, str activation, float? clip, int checkpoint_every) -> (Tensor, Tensor, Tensor)");
+        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None) -> (Tensor, Tensor, Tensor)");
   m.def("plastic_rnn_forward(Tensor y0, Tensor drive, Tensor w, Tensor alpha, Tensor e, Tensor h0, "
-        "str rule, str activation, float? clip, int checkpoint_every) -> (Tensor, Tensor, Tensor)");
+        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None) -> (Tensor, Tensor, Tensor)");
   // Returns the gradients of (x | y0, drive, w, alpha, e, h0).
   m.def("plastic_linear_backward(Tensor grad_y, Tensor grad_hT, Tensor x, Tensor w, Tensor alpha, Tensor e, "
-        "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every) "
+        "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every, "
+        "Tensor? steps=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("plastic_rnn_backward(Tensor grad_y, Tensor grad_hT, Tensor y0, Tensor w, Tensor alpha, Tensor e, "
-        "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every) "
+        "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every, "
+        "Tensor? steps=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

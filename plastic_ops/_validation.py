@@ -42,6 +42,9 @@ class PlasticArgs:
     activation: str
     clip: Optional[float]
     checkpoint_every: Optional[int]
+    # (T, B) torch.uint8 flags of every step (RESET = 1, SKIP = 2), or None: docs/op_spec.md,
+    # "Episode resets and lengths"
+    steps: Optional[torch.Tensor] = None
 
     @property
     def T(self) -> int:
@@ -128,6 +131,74 @@ def check_trace_dtype(trace_dtype, x_dtype: torch.dtype, x_name: str = "x", trac
     return allowed[0]
 
 
+#: The bits of the per-step flags (docs/op_spec.md, "Episode resets and lengths").
+RESET, SKIP = 1, 2
+
+
+def check_reset(reset, T: int, B: int, x_name: str, device) -> Optional[torch.Tensor]:
+    """None, or a (T, B) bool tensor on x's device."""
+    if reset is None:
+        return None
+    if not isinstance(reset, torch.Tensor):
+        raise TypeError(f"reset must be None or a (T, B) bool tensor, got {type(reset).__name__}")
+    if reset.dtype != torch.bool:
+        raise TypeError(f"reset must be a bool tensor (True where a row starts a new episode), got {reset.dtype}")
+    _shape("reset", reset, (T, B), "(T, B)")
+    if reset.device != device:
+        raise ValueError(f"reset is on {reset.device} but {x_name} is on {device}: it must be on {x_name}'s device")
+    return reset
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return is_compiling() if is_compiling is not None else torch._dynamo.is_compiling()
+
+
+def check_lengths(lengths, T: int, B: int, x_name: str, device):
+    """None, or a (B,) integer tensor on the CPU or on x's device, 1 <= lengths[b] <= T.
+
+    The range is checked on a CPU tensor outside torch.compile only: reading a device tensor back to
+    the host would stall the stream and break CUDA graph capture, and a compiled graph cannot read
+    a value while it is traced.
+    """
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                  for v in lengths):
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be None or a (B,) integer tensor, got {type(lengths).__name__}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor (the number of steps of each row), got {lengths.dtype}")
+    _shape("lengths", lengths, (B,), "(B,)")
+    if lengths.device != device and lengths.device.type != "cpu":
+        raise ValueError(f"lengths is on {lengths.device} but {x_name} is on {device}: it must be on the CPU or "
+                         f"on {x_name}'s device")
+    if lengths.device.type == "cpu" and not _compiling():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > T:
+            bad = low if low < 1 else high
+            raise ValueError(f"lengths must be between 1 and T = {T} (the number of steps of {x_name}), got {bad}")
+    return lengths
+
+
+def steps_of(reset, lengths, T: int, B: int, device) -> Optional[torch.Tensor]:
+    """The (T, B) uint8 flags of checked reset and lengths, or None when both are None.
+
+    Built on the device with tensor operations only (no value is read back to the host).
+    """
+    if reset is None and lengths is None:
+        return None
+    steps = torch.zeros((T, B), dtype=torch.uint8, device=device)
+    if reset is not None:
+        steps = steps | reset.to(torch.uint8)
+    if lengths is not None:
+        lengths = lengths.to(device)
+        past_end = torch.arange(T, device=device).unsqueeze(1) >= lengths.unsqueeze(0)
+        steps = steps | (past_end.to(torch.uint8) * SKIP)
+    return steps.contiguous()
+
+
 def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every,
                   x_name: str, y0=None, trace_dtype=None):
     x = _tensor(x_name, x)
@@ -203,19 +274,46 @@ def _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, c
     return x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every
 
 
+def _steps(p: PlasticArgs, reset, lengths, x_name: str) -> PlasticArgs:
+    reset = check_reset(reset, p.T, p.B, x_name, p.x.device)
+    lengths = check_lengths(lengths, p.T, p.B, x_name, p.x.device)
+    p.steps = steps_of(reset, lengths, p.T, p.B, p.x.device)
+    return p
+
+
+def check_return_traces(return_traces) -> bool:
+    if not isinstance(return_traces, bool):
+        raise TypeError(f"return_traces must be True or False, got {return_traces!r}")
+    return return_traces
+
+
+def check_drive(drive, p: PlasticArgs) -> Optional[torch.Tensor]:
+    """None, or the linear form's additive per-step input: (T, B, N_out), x's dtype and device."""
+    if drive is None:
+        return None
+    drive = _tensor("drive", drive)
+    _shape("drive", drive, (p.T, p.B, p.n_out), "(T, B, N_out)")
+    if drive.device != p.x.device:
+        raise ValueError(f"drive is on {drive.device} but x is on {p.x.device}: all tensors must share a device")
+    if drive.dtype != p.x.dtype:
+        raise TypeError(f"drive has dtype {drive.dtype} but x has {p.x.dtype}: all tensors but the trace must "
+                        "share a dtype")
+    return drive
+
+
 def check_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                 modulation=None, checkpoint_every=None, trace_dtype=None) -> PlasticArgs:
+                 modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None) -> PlasticArgs:
     x = _tensor("x", x)
     w = _tensor("w", w)
     if x.dim() == 3 and w.dim() == 2 and x.shape[2] != w.shape[0]:
         raise ValueError(f"x has N_in = {x.shape[2]} features but w has {w.shape[0]} rows (w is (N_in, N_out))")
     out = _check_common(x, w, alpha, eta, trace, bias, modulation, rule, activation, clip, checkpoint_every, "x",
                         trace_dtype=trace_dtype)
-    return PlasticArgs(*out[:7], None, *out[7:])
+    return _steps(PlasticArgs(*out[:7], None, *out[7:]), reset, lengths, "x")
 
 
 def check_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-              modulation=None, checkpoint_every=None, trace_dtype=None) -> PlasticArgs:
+              modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None) -> PlasticArgs:
     u = _tensor("u", u)
     w = _tensor("w", w)
     if w.dim() == 2 and w.shape[0] != w.shape[1]:
@@ -231,4 +329,4 @@ def check_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", 
     x = out[0]
     if y0 is None:
         y0 = x.new_zeros(x.shape[1], x.shape[2])
-    return PlasticArgs(*out[:7], y0, *out[7:])
+    return _steps(PlasticArgs(*out[:7], y0, *out[7:]), reset, lengths, "u")

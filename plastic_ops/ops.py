@@ -21,7 +21,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import _autocast, _extension, reference
-from ._validation import PlasticArgs, check_linear, check_rnn
+from ._validation import PlasticArgs, check_drive, check_linear, check_return_traces, check_rnn
 
 _OPS_LOADED = _extension.load()
 
@@ -223,17 +223,20 @@ def _does_not_fit(T, K, trace_bytes, needed, available, batch, trace_dtype) -> s
             f"holds ceil(T/K) + K + 1 traces.")
 
 
-def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool):
+def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool, drive=None, every_trace: bool = False):
+    """(alpha, e, d, K) of the compiled ops; drive: the linear form's user drive or None. every_trace:
+    K = 1 whatever is asked, since its checkpoints are the carried traces (return_traces)."""
     alpha = p.alpha.expand(p.n_in, p.n_out).contiguous()
     if p.modulation is None:
         e = p.eta.expand(p.T, p.B, p.n_out).contiguous()
     else:
         e = (p.eta * p.modulation.expand(p.T, p.B, p.n_out)).contiguous()
-    if recurrent:
-        drive = p.x if p.bias is None else p.x + p.bias
-    else:
-        drive = p.bias.expand(p.T, p.B, p.n_out) if p.bias is not None else p.x.new_zeros(p.T, p.B, p.n_out)
+    drive = reference._drive(p, recurrent, drive)
+    if drive is None:
+        drive = p.x.new_zeros(p.T, p.B, p.n_out)
     drive = drive.contiguous()
+    if every_trace:
+        return alpha, e, drive, 1
     # K > T saves the same single checkpoint as K = T; clamping keeps every count small
     if p.checkpoint_every is not None:
         K = min(p.checkpoint_every, p.T)
@@ -273,10 +276,11 @@ def _op(name: str):
 
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                   modulation=None, checkpoint_every=None, trace_dtype=None):
+                   modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None, drive=None,
+                   return_traces=False):
     """Run T plastic steps of a feedforward layer for B independent episodes.
 
-    a_t = x_t @ (w + alpha * H_t) + bias,  y_t = act(a_t),  H_{t+1} = rule(H_t, x_t, y_t, eta * modulation_t).
+    a_t = x_t @ (w + alpha * H_t) + bias + drive_t,  y_t = act(a_t),  H_{t+1} = rule(H_t, x_t, y_t, eta * modulation_t).
 
     Args:
         x: (T, B, N_in) inputs.
@@ -298,34 +302,63 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
             when one is given, else float32 (float64 for float64 inputs). torch.bfloat16 halves the
             trace's memory traffic for float32 and 16-bit inputs, at the cost of rounding H after each
             step (docs/op_spec.md, "Dtypes": when it is safe).
+        reset: None or a (T, B) bool tensor on x's device: where reset[t, b], row b starts a new episode at
+            step t (its trace becomes zeros first).
+        lengths: None or a (B,) integer tensor (on the CPU or x's device), 1 <= lengths[b] <= T: row b runs
+            steps 0 .. lengths[b] - 1 only; y is zero after them and trace_T[b] is the trace after them.
+            Gradients never cross a reset or a row's end (docs/op_spec.md, "Episode resets and lengths").
+        drive: None or (T, B, N_out): an input added to the pre-activation at each step, differentiable.
+        return_traces: also return `traces` (T, B, N_in, N_out), traces[t] the trace after step t (T times
+            the memory of one trace; detached: no gradient flows through it). The fused op then keeps
+            every trace (checkpoint_every is ignored).
 
-    Dtypes: x, w, alpha, eta, bias, modulation share one dtype, float64, float32, bfloat16 or float16;
+    Dtypes: x, w, alpha, eta, bias, modulation and drive share one dtype, float64, float32, bfloat16 or float16;
     16-bit inputs are computed in float32 and y is returned in their dtype. Under torch.autocast the
     inputs are cast to the autocast dtype, as for a matmul; the trace keeps its dtype.
 
     Returns:
         (y, trace_T): y is (T, B, N_out) in the inputs' dtype; trace_T is (B, N_in, N_out) in the trace's
-        dtype, to continue the episode later.
+        dtype, to continue the episode later. (y, trace_T, traces) with return_traces=True.
     """
     dtype = _autocast.region_dtype(x)
     if dtype is not None:
-        x, w, alpha, eta, bias, modulation = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation)
+        x, w, alpha, eta, bias, modulation, drive = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation, drive)
         with _autocast.disabled(x):
             return plastic_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
+                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                                  reset=reset, lengths=lengths, drive=drive, return_traces=return_traces)
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
-    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation):
-        return reference._scan(p, recurrent=False)
-    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation)
-    alpha_c, e, drive, K = _canonical(p, False, needs_grad)
-    y, hT, _ = _op("plastic_linear_forward")(p.x.contiguous(), drive, p.w.contiguous(), alpha_c, e,
-                                            p.trace.contiguous(), p.rule, p.activation, p.clip, K)
-    return y, hT
+                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                     reset=reset, lengths=lengths)
+    drive = check_drive(drive, p)
+    return_traces = check_return_traces(return_traces)
+    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive):
+        return reference._scan(p, recurrent=False, drive=drive, return_traces=return_traces)
+    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive)
+    alpha_c, e, d, K = _canonical(p, False, needs_grad, drive, every_trace=return_traces)
+    out = _op("plastic_linear_forward")(p.x.contiguous(), d, p.w.contiguous(), alpha_c, e,
+                                       p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
+    return _outputs(out, return_traces)
+
+
+def _flags(steps):
+    """The trailing steps argument of the compiled ops: left out when None (the schema's default), so a
+    call without resets and lengths is the call the ops had before them."""
+    return () if steps is None else (steps,)
+
+
+def _outputs(out, return_traces: bool):
+    """(y, trace_T), and with return_traces the carried traces: the K = 1 checkpoints H_0 .. H_{T-1} are
+    H_1 .. H_{T-1} after their first, then H_T (docs/op_spec.md, "Episode resets and lengths")."""
+    y, hT, ckpts = out
+    if not return_traces:
+        return y, hT
+    return y, hT, torch.cat([ckpts[1:].detach(), hT.detach().unsqueeze(0)])
 
 
 def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                modulation=None, checkpoint_every=None, trace_dtype=None):
+                modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None,
+                return_traces=False):
     """Run T steps of a plastic recurrent layer of N units for B independent episodes.
 
     a_t = y_{t-1} @ (w + alpha * H_t) + u_t + bias,  y_t = act(a_t),
@@ -334,41 +367,45 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
     Args are those of :func:`plastic_linear` with u: (T, B, N) the external drive, w: (N, N)
     and y0: (B, N) the output before the first step. Returns (y, trace_T); pass y[-1] as y0
     and trace_T as trace to continue an episode. Dtypes and autocast: as for :func:`plastic_linear`
-    (y0 has the inputs' dtype).
+    (y0 has the inputs' dtype). reset, lengths and return_traces: as for :func:`plastic_linear`; a reset
+    also sets the row's recurrent input y_{t-1} to zeros.
     """
     dtype = _autocast.region_dtype(u)
     if dtype is not None:
         u, w, alpha, eta, y0, bias, modulation = _autocast.cast(dtype, u, w, alpha, eta, y0, bias, modulation)
         with _autocast.disabled(u):
             return plastic_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
+                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                               reset=reset, lengths=lengths, return_traces=return_traces)
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
+                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                  reset=reset, lengths=lengths)
+    return_traces = check_return_traces(return_traces)
     if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0):
-        return reference._scan(p, recurrent=True)
+        return reference._scan(p, recurrent=True, return_traces=return_traces)
     needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
-    alpha_c, e, drive, K = _canonical(p, True, needs_grad)
-    y, hT, _ = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
-                                         p.trace.contiguous(), p.rule, p.activation, p.clip, K)
-    return y, hT
+    alpha_c, e, drive, K = _canonical(p, True, needs_grad, every_trace=return_traces)
+    out = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
+                                    p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
+    return _outputs(out, return_traces)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration: fake (meta) kernels for torch.compile, and autograd through the backward ops.
 
-def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_hT, meta):
+def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_hT, meta, num_inputs):
     """The backward as differentiable PyTorch ops, for create_graph=True (double backward).
 
     Reruns the forward with the reference on the op's own inputs (which carry their graph) and
     differentiates it with create_graph=True: exact second derivatives, at the reference's
     time and memory (every trace is kept).
     """
-    rule, activation, clip, _ = meta
+    rule, activation, clip, _, steps = meta
     wanted = [i for i, needed in enumerate(needs_input_grad) if needed]
-    grads = [None] * 10
+    grads = [None] * num_inputs
     if not wanted:
         return tuple(grads)
-    y, hT = reference.scan(*inputs, rule, activation, clip, recurrent)
+    y, hT = reference.scan(*inputs, rule, activation, clip, recurrent, steps)
     found = torch.autograd.grad((y, hT), [inputs[i] for i in wanted], (grad_y, grad_hT), create_graph=True,
                                 allow_unused=True)
     for i, g in zip(wanted, found):
@@ -377,13 +414,13 @@ def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_h
 
 
 def _register():
-    def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K):
+    def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps=None):
         T, B, n_out = drive.shape
         C = num_checkpoints(T, K)
         return (drive.new_empty(T, B, n_out), h0.new_empty(h0.shape),
                 h0.new_empty((C,) + tuple(h0.shape)))
 
-    def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K):
+    def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps=None):
         # grad_hT may be the empty stand-in for zeros: the trace's shape comes from y and w, its dtype
         # from the checkpoints
         return (pre.new_empty(pre.shape), y.new_empty(y.shape), w.new_empty(w.shape),
@@ -394,21 +431,23 @@ def _register():
         torch.library.register_fake(f"plastic_ops::{form}_backward")(fake_backward)
 
         def setup_context(ctx, inputs, output, form=form):
-            pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs
+            pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs[:10]
+            steps = inputs[10] if len(inputs) > 10 else None  # whether the default is filled in depends on torch
+            ctx.num_inputs = len(inputs)
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
             # An output that gets no gradient stays None: no zeros the size of the checkpoints
             # (never differentiated) or of the final trace are built for the backward
             ctx.set_materialize_grads(False)
             # drive and h0 only serve a double backward; h0 equals ckpts[0] unless it has a graph
-            ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None)
+            ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None, steps)
             ctx.meta = (rule, activation, clip, K)
 
         def backward(ctx, grad_y, grad_hT, grad_ckpts, form=form):
             if ctx.no_checkpoints:
                 raise RuntimeError("plastic_ops: the forward ran without checkpoints (checkpoint_every=0), "
                                    "so it cannot be differentiated; call the public function instead")
-            pre, w, alpha, e, y, ckpts, drive, h0 = ctx.saved_tensors
+            pre, w, alpha, e, y, ckpts, drive, h0, steps = ctx.saved_tensors
             rule, activation, clip, K = ctx.meta
             if grad_y is None:
                 grad_y = torch.zeros_like(y)
@@ -417,13 +456,15 @@ def _register():
                     grad_hT = ckpts.new_zeros(ckpts.shape[1:])
                 h0 = ckpts[0] if h0 is None else h0
                 return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
-                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta)
+                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta + (steps,),
+                                                ctx.num_inputs)
             if grad_hT is None:  # an empty tensor stands for dL/dH_T = 0: no trace of zeros is built here
                 grad_hT = ckpts.new_empty(0)
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
-                grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K)
+                grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K,
+                *_flags(steps))
             g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads
-            return g_pre, g_drive, g_w, g_alpha, g_e, g_h0, None, None, None, None
+            return (g_pre, g_drive, g_w, g_alpha, g_e, g_h0) + (None,) * (ctx.num_inputs - 6)
 
         _register_autograd(f"plastic_ops::{form}_forward", backward, setup_context)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _autocast
-from ._validation import PlasticArgs, check_linear, check_rnn
+from ._validation import RESET, SKIP, PlasticArgs, check_drive, check_linear, check_return_traces, check_rnn
 
 
 class _Round(torch.autograd.Function):
@@ -89,13 +89,16 @@ def _rates(p: PlasticArgs) -> torch.Tensor:
     return p.eta * p.modulation.expand(p.T, p.B, p.n_out)
 
 
-def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurrent: bool):
+def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurrent: bool, steps=None,
+         return_traces: bool = False):
     """The T steps on the op's canonical arguments (docs/op_spec.md, "How the fused op is split").
 
     pre: x (T, B, N_in) for the linear form, y0 (B, N) for the recurrent one; drive: d_t as
     (T, B, N_out) (an expanded view is fine) or None for no drive; alpha broadcastable to
-    (N_in, N_out); e: the rates (T, B, N_out); h0: H_0, in the trace's storage dtype. Returns
-    (y, H_T) in the inputs' dtype and the trace's.
+    (N_in, N_out); e: the rates (T, B, N_out); h0: H_0, in the trace's storage dtype; steps: None or
+    the (T, B) uint8 flags RESET = 1, SKIP = 2 (docs/op_spec.md, "Episode resets and lengths").
+    Returns (y, H_T) in the inputs' dtype and the trace's, and with return_traces the carried traces
+    H_1 .. H_T stacked (T, B, N_in, N_out), detached.
     """
     dtype, trace_dtype = e.dtype, h0.dtype
     acc = compute_dtype(dtype)
@@ -104,52 +107,85 @@ def scan(pre, drive, w, alpha, e, h0, rule: str, activation: str, clip, recurren
         drive = None if drive is None else drive.to(acc)
     H = h0.to(acc)
     prev = pre if recurrent else None
-    ys = []
+    ys, traces = [], []
     for t in range(e.shape[0]):
+        if steps is not None:
+            # RESET: this row's trace (and, recurrent, its presynaptic vector) becomes zeros
+            reset = (steps[t] & RESET).bool()
+            H = torch.where(reset[:, None, None], H.new_zeros(()), H)
+            if recurrent:
+                prev = torch.where(reset[:, None], prev.new_zeros(()), prev)
         p_t = prev if recurrent else pre[t]
+        d_t = None if drive is None else drive[t]
+        e_t = e[t]
+        if steps is not None:
+            # SKIP: the step reads none of its inputs (padding may hold anything, NaN included)
+            skip = (steps[t] & SKIP).bool()
+            p_t, e_t = torch.where(skip[:, None], p_t.new_zeros(()), p_t), torch.where(skip[:, None], e_t.new_zeros(()), e_t)
+            d_t = None if d_t is None else torch.where(skip[:, None], d_t.new_zeros(()), d_t)
         # a_t = p_t @ (w + alpha * H_t) + d_t, per episode
         a = p_t @ w + torch.einsum("bi,bij->bj", p_t, alpha * H)
-        if drive is not None:
-            a = a + drive[t]
+        if d_t is not None:
+            a = a + d_t
         y = round_to(activate(a, activation), dtype)
-        H = round_to(update_trace(H, p_t, y, e[t], rule, clip), trace_dtype)
+        H_next = round_to(update_trace(H, p_t, y, e_t, rule, clip), trace_dtype)
+        if steps is not None:
+            # and does nothing: y_t = 0 (a constant), the trace passes through
+            y = torch.where(skip[:, None], y.new_zeros(()), y)
+            H_next = torch.where(skip[:, None, None], H, H_next)
+        H = H_next
         ys.append(y)
+        if return_traces:
+            traces.append(H.detach().to(trace_dtype))
         prev = y
-    return torch.stack(ys).to(dtype), H.to(trace_dtype)
+    out = (torch.stack(ys).to(dtype), H.to(trace_dtype))
+    return out + (torch.stack(traces),) if return_traces else out
 
 
-def _scan(p: PlasticArgs, recurrent: bool):
+def _drive(p: PlasticArgs, recurrent: bool, drive=None):
+    """d_t: u_t + bias (recurrent), bias + drive_t (linear), or None for the linear form without either."""
     if recurrent:
-        drive = p.x if p.bias is None else p.x + p.bias
-    else:
-        drive = None if p.bias is None else p.bias.expand(p.T, p.B, p.n_out)
-    return scan(p.y0 if recurrent else p.x, drive, p.w, p.alpha, _rates(p), p.trace, p.rule, p.activation,
-                p.clip, recurrent)
+        return p.x if p.bias is None else p.x + p.bias
+    if p.bias is None:
+        return drive
+    bias = p.bias.expand(p.T, p.B, p.n_out)
+    return bias if drive is None else bias + drive
+
+
+def _scan(p: PlasticArgs, recurrent: bool, drive=None, return_traces: bool = False):
+    return scan(p.y0 if recurrent else p.x, _drive(p, recurrent, drive), p.w, p.alpha, _rates(p), p.trace, p.rule,
+                p.activation, p.clip, recurrent, p.steps, return_traces)
 
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                   modulation=None, checkpoint_every=None, trace_dtype=None):
+                   modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None, drive=None,
+                   return_traces=False):
     """Reference of :func:`plastic_ops.plastic_linear`; same arguments, same results."""
     dtype = _autocast.region_dtype(x)
     if dtype is not None:  # the op's autocast policy, then every step in the cast dtypes
-        x, w, alpha, eta, bias, modulation = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation)
+        x, w, alpha, eta, bias, modulation, drive = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation, drive)
         with _autocast.disabled(x):
             return plastic_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
+                                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                                  reset=reset, lengths=lengths, drive=drive, return_traces=return_traces)
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
-                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
-    return _scan(p, recurrent=False)
+                     modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                     reset=reset, lengths=lengths)
+    return _scan(p, recurrent=False, drive=check_drive(drive, p), return_traces=check_return_traces(return_traces))
 
 
 def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
-                modulation=None, checkpoint_every=None, trace_dtype=None):
+                modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None,
+                return_traces=False):
     """Reference of :func:`plastic_ops.plastic_rnn`; same arguments, same results."""
     dtype = _autocast.region_dtype(u)
     if dtype is not None:
         u, w, alpha, eta, y0, bias, modulation = _autocast.cast(dtype, u, w, alpha, eta, y0, bias, modulation)
         with _autocast.disabled(u):
             return plastic_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
+                               modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                               reset=reset, lengths=lengths, return_traces=return_traces)
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
-                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype)
-    return _scan(p, recurrent=True)
+                  modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
+                  reset=reset, lengths=lengths)
+    return _scan(p, recurrent=True, return_traces=check_return_traces(return_traces))

@@ -449,7 +449,69 @@ for opts in (("hebbb", "tanh", None), ("hebb", "gelu", None), ("hebb", "tanh", -
         assert "plastic_ops" in str(exc), (opts, exc)
     else:
         raise AssertionError(f"{opts}: accepted")
+# the per-step flags: (T, B) uint8, contiguous, on the op's device, forward and backward
+bwd = torch.ops.plastic_ops.plastic_linear_backward
+y, hT, ck = fwd(*ok, "hebb", "tanh", None, 1)
+bad_steps = {"steps shape": torch.zeros(T, B + 1, dtype=torch.uint8), "steps 1-D": torch.zeros(T * B, dtype=torch.uint8),
+             "steps dtype": torch.zeros(T, B, dtype=torch.bool), "steps int64": torch.zeros(T, B, dtype=torch.int64),
+             "steps strided": torch.zeros(B, T, dtype=torch.uint8).t()}
+for name, steps in bad_steps.items():
+    for call in (lambda: fwd(*ok, "hebb", "tanh", None, 1, steps),
+                 lambda: bwd(y, hT, ok[0], ok[2], ok[3], ok[4], y, ck, "hebb", "tanh", None, 1, steps)):
+        try:
+            call()
+        except RuntimeError as exc:
+            assert "plastic_ops: steps" in str(exc), (name, exc)
+        else:
+            raise AssertionError(f"{name}: accepted")
 """)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("padding", [math.nan, math.inf, -1e300])
+def test_padding_past_lengths_is_never_read(form, padding):
+    """Inputs of the steps past a row's length may hold anything: the result is that of zero padding,
+    and the padding gets zero gradients."""
+    T, B = 5, 3
+    lengths = torch.tensor([2, 5, 4])
+    past = torch.arange(T).unsqueeze(1) >= lengths
+    for fn in fns(form):
+        results = []
+        for value in (0.0, padding):
+            args, mod = requiring_grad(*make_inputs(form, T=T, B=B, n_in=3, n_out=3, modulation="per_output", seed=5))
+            with torch.no_grad():
+                args[0][past] = value
+            drive = None
+            kw = dict(modulation=mod, lengths=lengths, clip=0.5, checkpoint_every=2)
+            if form == "linear":
+                drive = torch.zeros(T, B, 3, dtype=torch.float64)
+                drive[past] = value
+                kw["drive"] = drive.requires_grad_()
+            y, h = fn(*args, **kw)
+            inputs = grad_inputs(args, mod) + ([drive] if drive is not None else [])
+            results.append((y, h) + torch.autograd.grad(loss_of(y, h), inputs))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, **F64)
+        assert torch.equal(results[1][2][past], torch.zeros_like(results[1][2][past]))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_resets_and_lengths_on_meta_and_without_grad(form):
+    args, mod = detached(*small(form))
+    reset = torch.zeros(4, 2, dtype=torch.bool)
+    reset[2, 1] = True
+    lengths = torch.tensor([3, 4])
+    fused, ref = fns(form)
+    yr, hr = ref(*args, modulation=mod, reset=reset, lengths=lengths)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y, h = fused(*args, modulation=mod, reset=reset, lengths=lengths)
+        torch.testing.assert_close(y, yr, **F64)
+        torch.testing.assert_close(h, hr, **F64)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    # a CPU lengths is accepted with tensors on any device, as torch.nn.utils.rnn takes it
+    y, h = fused(*meta, modulation=mod.to("meta"), reset=reset.to("meta"), lengths=lengths, checkpoint_every=2)
+    assert y.device.type == "meta" and y.shape == yr.shape and h.shape == hr.shape
 
 
 @pytest.mark.parametrize("bad", [dict(in_features=0), dict(in_features=2**70), dict(in_features=True),

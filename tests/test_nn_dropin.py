@@ -201,3 +201,131 @@ def test_compiled_layer_returns_the_state():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnn(x, s)  # no warning on the new call form
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes inside one call: reset, lengths, PackedSequence; the linear drive; the traces option
+
+def _params_grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_layer_reset_equals_separate_episodes(impl, batch_first):
+    rnn = rnn_pair(batch_first=batch_first, clip=1.5, impl=impl)
+    T, B = 7, 3
+    x = torch.randn(T, B, 5, **F64)
+    reset = torch.zeros(T, B, dtype=torch.bool)
+    reset[3, 0] = reset[5, 2] = True                          # rows 0 and 2 start a new episode mid-call
+    tb = (lambda t: t.transpose(0, 1)) if batch_first else (lambda t: t)
+    out, state = rnn(tb(x), reset=tb(reset))
+    out = tb(out)
+    grads = _params_grads(rnn, (out * out).sum() + state.trace.sum())
+    # the same episodes, one call each; a row's later episode starts from a zero state
+    pieces = {0: [(0, 3), (3, 7)], 1: [(0, 7)], 2: [(0, 5), (5, 7)]}
+    ys, last_states, loss = {}, {}, 0
+    for b, spans in pieces.items():
+        for a, e in spans:
+            y_b, s_b = rnn(tb(x[a:e, b:b + 1]))
+            ys[(b, a)] = tb(y_b)
+            loss = loss + (y_b * y_b).sum()
+        last_states[b] = s_b
+        loss = loss + s_b.trace.sum()
+    for b, spans in pieces.items():
+        for a, e in spans:
+            torch.testing.assert_close(out[a:e, b:b + 1], ys[(b, a)])
+        torch.testing.assert_close(state.trace[b], last_states[b].trace[0])
+        torch.testing.assert_close(state.y[b], last_states[b].y[0])
+    for g, g_sep in zip(grads, _params_grads(rnn, loss)):
+        torch.testing.assert_close(g, g_sep)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_layer_lengths_and_packed_sequences(impl):
+    from torch.nn.utils.rnn import pack_sequence, pad_sequence
+    rnn = rnn_pair(impl=impl)
+    seqs = [torch.randn(n, 5, **F64) for n in (4, 1, 6)]
+    lengths = torch.tensor([4, 1, 6])
+    out, state = rnn(pad_sequence(seqs), lengths=lengths)
+    packed_out, packed_state = rnn(pack_sequence(seqs, enforce_sorted=False))
+    torch.testing.assert_close(packed_state.trace, state.trace)
+    torch.testing.assert_close(packed_state.y, state.y)
+    assert torch.equal(torch.nn.utils.rnn.pad_packed_sequence(packed_out)[0], out)
+    for b, seq in enumerate(seqs):
+        alone, s = rnn(seq[:, None])
+        torch.testing.assert_close(out[:len(seq), b], alone[:, 0])
+        torch.testing.assert_close(state.y[b], s.y[0])
+        assert not out[len(seq):, b].any()
+    with pytest.raises(ValueError, match="lengths must be None when input is a PackedSequence"):
+        rnn(pack_sequence(seqs, enforce_sorted=False), lengths=lengths)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_linear_drive_is_added_before_the_activation(impl):
+    torch.manual_seed(0)
+    layer = PlasticLinear(4, 3, init_std=0.3, bias=False, impl=impl, **F64)
+    x = torch.randn(5, 2, 4, **F64)
+    drive = torch.randn(5, 2, 3, **F64, requires_grad=True)
+    y, s = layer(x, drive=drive)
+    # a drive constant over time and rows is a bias
+    bias_layer = PlasticLinear(4, 3, init_std=0.3, impl=impl, **F64)
+    with torch.no_grad():
+        bias_layer.weight.copy_(layer.weight)
+        bias_layer.alpha.copy_(layer.alpha)
+        bias_layer.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    y_b, s_b = bias_layer(x)
+    y_d, s_d = layer(x, drive=bias_layer.bias.detach().expand(5, 2, 3))
+    torch.testing.assert_close(y_d, y_b)
+    torch.testing.assert_close(s_d.trace, s_b.trace)
+    (g,) = torch.autograd.grad(y.sum() + s.trace.sum(), drive)
+    assert g.shape == drive.shape and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="drive"):
+        layer(x, drive=torch.randn(5, 2, 4, **F64))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_return_traces(batch_first):
+    rnn = rnn_pair(batch_first=batch_first)
+    x = torch.randn(2, 6, 5, **F64) if batch_first else torch.randn(6, 2, 5, **F64)
+    out, state, traces = rnn(x, return_traces=True)
+    assert traces.shape == ((2, 6, 7, 7) if batch_first else (6, 2, 7, 7)) and not traces.requires_grad
+    last = traces[:, -1] if batch_first else traces[-1]
+    torch.testing.assert_close(last, state.trace.detach())
+    rnn.impl = "reference"
+    _, _, traces_ref = rnn(x, return_traces=True)
+    torch.testing.assert_close(traces, traces_ref)
+    # step t's trace is the final trace of a call of t + 1 steps
+    first3 = rnn(x[:, :3] if batch_first else x[:3])[1].trace
+    torch.testing.assert_close(traces[:, 2] if batch_first else traces[2], first3.detach())
+
+
+def test_compiled_layer_with_reset_and_lengths():
+    rnn = PlasticRNN(3, 5, clip=1.0)
+    x = torch.randn(6, 2, 3)
+    reset = torch.zeros(6, 2, dtype=torch.bool)
+    reset[2, 1] = True
+    lengths = torch.tensor([6, 4])
+    out, s = rnn(x, reset=reset, lengths=lengths)
+    torch._dynamo.reset()
+    c_out, c_s = torch.compile(rnn, backend="aot_eager", fullgraph=True)(x, reset=reset, lengths=lengths)
+    torch.testing.assert_close(c_out, out)
+    torch.testing.assert_close(c_s.trace, s.trace)
+    torch.testing.assert_close(c_s.y, s.y)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(reset=torch.zeros(6, 2)), "reset"),                        # not bool
+    (dict(reset=torch.zeros(5, 2, dtype=torch.bool)), "reset"),      # wrong shape
+    (dict(lengths=torch.tensor([0, 3])), "lengths"),
+    (dict(lengths=torch.tensor([7, 3])), "lengths"),
+    (dict(lengths=torch.tensor([2.0, 3.0])), "lengths"),
+    (dict(lengths=torch.tensor([3])), "lengths"),
+])
+def test_layer_episode_arguments_are_checked(bad, match):
+    rnn = PlasticRNN(3, 4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        rnn(torch.randn(6, 2, 3), **bad)

@@ -113,3 +113,39 @@ def test_missing_extension_message(monkeypatch):
     monkeypatch.setattr(_extension, "_error", ImportError("simulated"))
     with pytest.raises(RuntimeError, match="not available.*build_ext"):
         plastic_ops.plastic_linear(torch.randn(2, 1, 3), torch.randn(3, 2), torch.tensor(0.1), 0.1)
+
+
+@pytest.mark.parametrize("name", ["plastic_linear_forward", "plastic_rnn_forward", "plastic_linear_backward",
+                                  "plastic_rnn_backward"])
+def test_steps_is_the_last_argument_with_a_default(name):
+    # direct calls written before the per-step flags existed keep working
+    schema = getattr(torch.ops.plastic_ops, name).default._schema
+    last = schema.arguments[-1]
+    assert last.name == "steps" and str(last.type) == "Optional[Tensor]" and last.default_value is None
+
+
+@pytest.mark.parametrize("form", ["linear", "rnn"])
+def test_opcheck_with_steps(form):
+    args = list(leafify(canonical(form)))
+    steps = torch.zeros(5, 2, dtype=torch.uint8)
+    steps[0, 0], steps[2, 1], steps[3, 0], steps[4, 1] = 1, 2, 3, 2
+    op = getattr(torch.ops.plastic_ops, f"plastic_{form}_forward").default
+    torch.library.opcheck(op, tuple(args) + (steps,))
+
+
+def test_torch_compile_with_reset_and_lengths():
+    torch.manual_seed(0)
+    net = PlasticRNN(8, clip=1.0)
+    u = torch.randn(6, 3, 8)
+    reset = torch.zeros(6, 3, dtype=torch.bool)
+    reset[3, 1] = True
+
+    def f(u, reset, lengths):
+        y, h = plastic_ops.plastic_rnn(u, net.weight, net.alpha, net.eta, reset=reset, lengths=lengths)
+        return y.square().sum() + h.sum()
+
+    lengths = torch.tensor([6, 4, 2])
+    expected = f(u, reset, lengths)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(u, reset, lengths)
+    torch.testing.assert_close(got, expected)

@@ -64,6 +64,13 @@ void dispatch_rule(Rule rule, bool clip, F&& f) {
   }
 }
 
+// Calls f(bool_constant<flag>): the flags of `steps` are a compile-time policy, so that a call
+// without them runs the same code, at the same speed, as before they existed.
+template <typename F>
+void dispatch_bool(bool flag, F&& f) {
+  if (flag) f(std::true_type{}); else f(std::false_type{});
+}
+
 // The row loops below are compiled twice: for the baseline x86-64 ISA and for AVX2, picked
 // at run time when the CPU has it (and PLASTIC_OPS_NO_AVX2 is unset): twice the SIMD width
 // where a loop is bound by compute rather than memory. AVX2 without FMA: every lane does
@@ -163,10 +170,12 @@ struct Problem {
   const scalar_t* e;
   const scalar_t* y;  // (T,B,N_out): outputs (written by forward, read by backward)
   scalar_t clip;
+  const uint8_t* steps;  // (T,B) flags kReset / kSkip, or nullptr
 
   // pre is x (linear form) or y0 (recurrent form).
   static Problem make(const Dims& d, bool recurrent, const at::Tensor& pre, const at::Tensor& w,
-                      const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, c10::optional<double> clip) {
+                      const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y, c10::optional<double> clip,
+                      const at::Tensor* steps) {
     return {d,
             recurrent,
             recurrent ? nullptr : pre.data_ptr<scalar_t>(),
@@ -175,7 +184,8 @@ struct Problem {
             alpha.data_ptr<scalar_t>(),
             e.data_ptr<scalar_t>(),
             y.data_ptr<scalar_t>(),
-            static_cast<scalar_t>(clip.value_or(0.0))};
+            static_cast<scalar_t>(clip.value_or(0.0)),
+            steps ? steps->data_ptr<uint8_t>() : nullptr};
   }
 
   // p_t: the presynaptic vector of step t, (B, N_in).
@@ -185,7 +195,16 @@ struct Problem {
   }
   const scalar_t* y_at(int64_t t) const { return y + t * d.B * d.n_out; }
   const scalar_t* e_at(int64_t t) const { return e + t * d.B * d.n_out; }
+  const uint8_t* flags(int64_t t) const { return steps + t * d.B; }
+  // p_t[b, i] as step t reads it: a RESET zeroes the recurrent input (the linear form's x_t stays).
+  scalar_t pre_of(scalar_t p, uint8_t f) const { return recurrent && (f & kReset) ? scalar_t(0) : p; }
 };
+
+// A trace row of zeros: what a RESET row reads instead of its carried trace.
+template <typename trace_t>
+std::vector<trace_t> zero_row(int64_t n) {
+  return std::vector<trace_t>(n, store<trace_t>(at::opmath_type<trace_t>(0)));
+}
 
 template <typename scalar_t>
 void activate_rows(const scalar_t* a, scalar_t* y, int64_t B, int64_t n, Act act) {
@@ -276,9 +295,12 @@ PLASTIC_OPS_FORWARD_ROW(forward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 // update of step t-1 and writes H_t to dst (src == dst updates in place); without it,
 // src already holds H_t. With ACCUM, accumulates the terms of a_t with H_t into each
 // task's partial (B, N_out) sum.
-template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM>
+// STEPS: rows flagged at step t-1 or t (docs/op_spec.md, "Episode resets and lengths") run the
+// update and the a_t terms as two calls of the same row loops, with zrow (zeros) for a reset
+// trace and a copy for a skipped update; every other row takes the unflagged loop.
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool UPDATE, bool ACCUM, bool STEPS>
 void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const trace_t* src, trace_t* dst, int64_t t,
-                   scalar_t* partial) {
+                   scalar_t* partial, const trace_t* zrow) {
   const Dims d = P.d;
   const scalar_t* p_prev = UPDATE ? P.pre(t - 1) : nullptr;
   const scalar_t* y_prev = UPDATE ? P.y_at(t - 1) : nullptr;
@@ -288,6 +310,12 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const trace_t* s
   const int64_t n = d.n_out;
   const auto row = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, UPDATE, ACCUM>
                                   : forward_row_base<scalar_t, trace_t, R, CLIP, UPDATE, ACCUM>;
+  const auto update_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, true, false>
+                                         : forward_row_base<scalar_t, trace_t, R, CLIP, true, false>;
+  const auto accum_row = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, false, true>
+                                        : forward_row_base<scalar_t, trace_t, R, CLIP, false, true>;
+  const uint8_t* f_prev = STEPS && UPDATE ? P.flags(t - 1) : nullptr;
+  const uint8_t* f_cur = STEPS && ACCUM ? P.flags(t) : nullptr;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* acc = ACCUM ? partial + k * d.B * n : nullptr;
@@ -303,6 +331,26 @@ void forward_sweep(const Problem<scalar_t>& P, const Split& sp, const trace_t* s
           const scalar_t* er = UPDATE ? e_prev + b * n : nullptr;
           const scalar_t pc = ACCUM ? p_cur[b * d.n_in + i] : scalar_t(0);
           scalar_t* accr = ACCUM ? acc + b * n : nullptr;
+          if constexpr (STEPS) {
+            const uint8_t fp = UPDATE ? f_prev[b] : 0, fc = ACCUM ? f_cur[b] : 0;
+            if (fp | fc) {
+              const trace_t* h = hs;  // H_t as carried into step t
+              if constexpr (UPDATE) {
+                const trace_t* from = (fp & kReset) ? zrow : hs;
+                if (fp & kSkip) {
+                  if (from != hd) std::copy(from, from + n, hd);
+                } else {
+                  update_row(from, hd, P.pre_of(pp, fp), yr, er, scalar_t(0), nullptr, nullptr, nullptr, n, c);
+                }
+                h = hd;
+              }
+              if (ACCUM && !(fc & kSkip)) {
+                accum_row((fc & kReset) ? zrow : h, nullptr, scalar_t(0), nullptr, nullptr, P.pre_of(pc, fc), wr, ar,
+                          accr, n, c);
+              }
+              continue;
+            }
+          }
           row(hs, hd, pp, yr, er, pc, wr, ar, accr, n, c);
         }
       }
@@ -321,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
                                                            const at::Tensor& w, const at::Tensor& alpha,
                                                            const at::Tensor& e, const at::Tensor& h0, Rule rule,
                                                            Act act, c10::optional<double> clip, const Dims& d,
-                                                           bool recurrent) {
+                                                           bool recurrent, const at::Tensor* steps) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   // 16-bit inputs are read once into acc_t copies (small next to one trace); others are used as they are
@@ -333,7 +381,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   const Split sp = make_split(d);
   auto acc = at::empty({d.B, d.n_out}, drive_a.options());
   auto partial = at::empty({sp.tasks, d.B, d.n_out}, drive_a.options());
-  const auto P = Problem<acc_t>::make(d, recurrent, pre_a, w_a, alpha_a, e_a, y, clip);
+  const auto P = Problem<acc_t>::make(d, recurrent, pre_a, w_a, alpha_a, e_a, y, clip, steps);
+  const auto zeros = zero_row<trace_t>(steps ? d.n_out : 0);
+  const trace_t* zrow = zeros.data();
   trace_t* Hp = H.data_ptr<trace_t>();
   trace_t* ckp = ckpts.data_ptr<trace_t>();
   acc_t* accp = acc.data_ptr<acc_t>();
@@ -349,15 +399,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
   };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
+   dispatch_bool(steps != nullptr, [&](auto steps_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
+    constexpr bool STEPS = decltype(steps_tag)::value;
     const trace_t* cur = h0p;  // holds H_t
     for (int64_t t = 0; t < d.T; ++t) {
       if (t == 0) {
-        forward_sweep<acc_t, trace_t, R, CLIP, false, true>(P, sp, cur, nullptr, t, partp);
+        forward_sweep<acc_t, trace_t, R, CLIP, false, true, STEPS>(P, sp, cur, nullptr, t, partp, zrow);
       } else {
         trace_t* next = slot(t);
-        forward_sweep<acc_t, trace_t, R, CLIP, true, true>(P, sp, cur, next, t, partp);
+        forward_sweep<acc_t, trace_t, R, CLIP, true, true, STEPS>(P, sp, cur, next, t, partp, zrow);
         cur = next;
       }
       add_partials(accp, drv + t * d.B * d.n_out, partp, sp.tasks, d.B * d.n_out);
@@ -366,8 +418,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
       if (!std::is_same<scalar_t, acc_t>::value) {
         for (int64_t r = 0; r < d.B * d.n_out; ++r) yt[r] = round_to<scalar_t>(yt[r]);
       }
+      if constexpr (STEPS) {  // a skipped step writes exact zeros
+        for (int64_t b = 0; b < d.B; ++b) {
+          if (P.flags(t)[b] & kSkip) std::fill(yt + b * d.n_out, yt + (b + 1) * d.n_out, acc_t(0));
+        }
+      }
     }
-    forward_sweep<acc_t, trace_t, R, CLIP, true, false>(P, sp, cur, Hp, d.T, nullptr);  // H_T
+    forward_sweep<acc_t, trace_t, R, CLIP, true, false, STEPS>(P, sp, cur, Hp, d.T, nullptr, zrow);  // H_T
+   });
   });
   return {y.to(drive.scalar_type()), H, ckpts};
 }
@@ -379,8 +437,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pr
 // independent through the update, so each row runs every step of the segment while it is
 // in cache: one parallel region per segment, the checkpoint row read once, each new row
 // written once.
-template <typename scalar_t, typename trace_t, Rule R, bool CLIP>
-void recompute_segment(const Problem<scalar_t>& P, const trace_t* Hs, trace_t* seg, int64_t s, int64_t L) {
+// STEPS: a flagged step is recomputed as the forward ran it (zrow for a reset, a copy for a skip).
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool STEPS>
+void recompute_segment(const Problem<scalar_t>& P, const trace_t* Hs, trace_t* seg, int64_t s, int64_t L,
+                       const trace_t* zrow) {
   const Dims d = P.d;
   const scalar_t c = P.clip;
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
@@ -394,8 +454,19 @@ void recompute_segment(const Problem<scalar_t>& P, const trace_t* Hs, trace_t* s
       for (int64_t l = 0; l + 1 < L; ++l) {
         const int64_t t = s + l;
         trace_t* out = seg + l * trace_numel + row * d.n_out;
+        scalar_t p = P.pre(t)[row];
+        if constexpr (STEPS) {
+          const uint8_t f = P.flags(t)[b];
+          if (f & kReset) src = zrow;
+          p = P.pre_of(p, f);
+          if (f & kSkip) {
+            std::copy(src, src + d.n_out, out);
+            src = out;
+            continue;
+          }
+        }
         // the forward's row loop without the a_t terms: the same operations, the same bits
-        step_row(src, out, P.pre(t)[row], P.y_at(t) + b * d.n_out, P.e_at(t) + b * d.n_out, scalar_t(0), nullptr,
+        step_row(src, out, p, P.y_at(t) + b * d.n_out, P.e_at(t) + b * d.n_out, scalar_t(0), nullptr,
                  nullptr, nullptr, d.n_out, c);
         src = out;
       }
@@ -480,10 +551,14 @@ PLASTIC_OPS_BACKWARD_ROW(backward_row_avx2, PLASTIC_OPS_TARGET_AVX2)
 //   UPDATE: through the clamp and the update of step m: G becomes the trace path of
 //     dL/dH_m; sets dp_a (dL/dp_m) and fills each task's partials of dL/de_m and dL/dy_m.
 // G_ZERO: G holds zeros (dL/dH_T not given), so it is written without being read.
-template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO>
+// STEPS: a row flagged at step m or tb runs the two half-steps as separate calls of the same row
+// loops, in place on its G row: the drive half of tb on Heff_tb (zrow after a reset; H_{m+1}
+// recomputed into the task's scratch row), then G := 0 after a reset at tb (no gradient reaches
+// the overwritten trace), then the update half of m on Heff_m, none for a skip (G passes).
+template <typename scalar_t, typename trace_t, Rule R, bool CLIP, bool DRIVE, bool UPDATE, bool G_ZERO, bool STEPS>
 void backward_pass(const Problem<scalar_t>& P, const Split& sp, const trace_t* Hm, const scalar_t* Gin,
                    scalar_t* Gout, int64_t m, const scalar_t* ga, scalar_t* galpha, scalar_t* dp_b, scalar_t* dp_a,
-                   scalar_t* partial) {
+                   scalar_t* partial, const trace_t* zrow, trace_t* scratch) {
   const Dims d = P.d;
   const int64_t tb = UPDATE ? m + 1 : m;
   const scalar_t* p_a = UPDATE ? P.pre(m) : nullptr;
@@ -494,6 +569,14 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const trace_t* H
   const int64_t n = d.n_out;
   const auto row_fn = cpu_has_avx2() ? backward_row_avx2<scalar_t, trace_t, R, CLIP, DRIVE, UPDATE, G_ZERO>
                                      : backward_row_base<scalar_t, trace_t, R, CLIP, DRIVE, UPDATE, G_ZERO>;
+  const auto drive_row = cpu_has_avx2() ? backward_row_avx2<scalar_t, trace_t, R, CLIP, true, false, false>
+                                        : backward_row_base<scalar_t, trace_t, R, CLIP, true, false, false>;
+  const auto update_row = cpu_has_avx2() ? backward_row_avx2<scalar_t, trace_t, R, CLIP, false, true, false>
+                                         : backward_row_base<scalar_t, trace_t, R, CLIP, false, true, false>;
+  const auto forward_update = cpu_has_avx2() ? forward_row_avx2<scalar_t, trace_t, R, CLIP, true, false>
+                                             : forward_row_base<scalar_t, trace_t, R, CLIP, true, false>;
+  const uint8_t* f_a = STEPS && UPDATE ? P.flags(m) : nullptr;
+  const uint8_t* f_b = STEPS && DRIVE ? P.flags(tb) : nullptr;
   at::parallel_for(0, sp.tasks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       scalar_t* ge = UPDATE ? partial + 2 * k * d.B * n : nullptr;
@@ -515,6 +598,47 @@ void backward_pass(const Problem<scalar_t>& P, const Split& sp, const trace_t* H
           scalar_t* gyr = UPDATE ? gy + b * n : nullptr;
           const scalar_t pb = DRIVE ? p_b[row] : scalar_t(0);
           const scalar_t* gab = DRIVE ? ga + b * n : nullptr;
+          if constexpr (STEPS) {
+            const uint8_t fa = UPDATE ? f_a[b] : 0, fb = DRIVE ? f_b[b] : 0;
+            if (fa | fb) {
+              if (G_ZERO) {
+                std::fill(gout, gout + n, scalar_t(0));
+              } else if (gin != gout) {
+                std::copy(gin, gin + n, gout);
+              }
+              if (DRIVE) {
+                if (!(fb & kSkip)) {
+                  const trace_t* hb = hr;  // Heff_tb
+                  if (fb & kReset) {
+                    hb = zrow;
+                  } else if (UPDATE) {  // H_{m+1} from H_m, as the forward computed it
+                    hb = (fa & kReset) ? zrow : hr;
+                    if (!(fa & kSkip)) {
+                      trace_t* hnext = scratch + k * n;
+                      forward_update(hb, hnext, P.pre_of(pa, fa), yr, er, scalar_t(0), nullptr, nullptr, nullptr, n,
+                                     c);
+                      hb = hnext;
+                    }
+                  }
+                  const auto sums = drive_row({hb, gout, gout, scalar_t(0), nullptr, nullptr, nullptr, nullptr,
+                                               P.pre_of(pb, fb), gab, wr, ar, gar}, c, n);
+                  dp_b[row] += sums.second;
+                }
+                if (fb & kReset) std::fill(gout, gout + n, scalar_t(0));
+                // a skipped step had no input; a reset recurrent input was the constant 0
+                if ((fb & kSkip) || (P.recurrent && (fb & kReset))) dp_b[row] = scalar_t(0);
+              }
+              if (UPDATE) {
+                scalar_t sa = 0;
+                if (!(fa & kSkip)) {
+                  sa = update_row({(fa & kReset) ? zrow : hr, gout, gout, P.pre_of(pa, fa), yr, er, ger, gyr,
+                                   scalar_t(0), nullptr, nullptr, nullptr, nullptr}, c, n).first;
+                }
+                dp_a[row] = sa;
+              }
+              continue;
+            }
+          }
           const auto sums = row_fn({hr, gin, gout, pa, yr, er, ger, gyr, pb, gab, wr, ar, gar}, c, n);
           const scalar_t sa = sums.first, sb = sums.second;
           if (DRIVE) dp_b[row] += sb;
@@ -545,7 +669,8 @@ template <typename scalar_t, typename trace_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_y_in, const at::Tensor& grad_hT_in, bool has_grad_hT, const at::Tensor& pre_in,
     const at::Tensor& w_in, const at::Tensor& alpha_in, const at::Tensor& e_in, const at::Tensor& y_in,
-    const at::Tensor& ckpts, Rule rule, Act act, c10::optional<double> clip, const Dims& d, bool recurrent) {
+    const at::Tensor& ckpts, Rule rule, Act act, c10::optional<double> clip, const Dims& d, bool recurrent,
+    const at::Tensor* steps) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const at::Tensor grad_y = grad_y_in.to(acc_type), pre = pre_in.to(acc_type), w = w_in.to(acc_type),
@@ -563,7 +688,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Split sp = make_split(d);
   auto partial = at::empty({sp.tasks, 2, d.B, d.n_out}, opts);  // dL/de_m, dL/dy_m per task
 
-  const auto P = Problem<acc_t>::make(d, recurrent, pre, w, alpha, e, y, clip);
+  const auto P = Problem<acc_t>::make(d, recurrent, pre, w, alpha, e, y, clip, steps);
+  const auto zeros = zero_row<trace_t>(steps ? d.n_out : 0);
+  std::vector<trace_t> scratch(steps ? sp.tasks * d.n_out : 0);  // one H_{m+1} row per task
   const int64_t trace_numel = d.B * d.n_in * d.n_out;
   const int64_t row_numel = d.B * d.n_out;
   acc_t* Gp = G.data_ptr<acc_t>();
@@ -604,17 +731,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t r = 0; r < row_numel; ++r) gy[r] += cp[r];
     }
     activation_backward(gy.data(), P.y_at(m), gat, d.B, d.n_out, act);
+    if (steps) {  // a skipped y_m is the constant 0: no gradient reaches its step
+      for (int64_t b = 0; b < d.B; ++b) {
+        if (P.flags(m)[b] & kSkip) {
+          std::fill(gat + b * d.n_out, gat + (b + 1) * d.n_out, acc_t(0));
+          std::fill(ge + b * d.n_out, ge + (b + 1) * d.n_out, acc_t(0));
+        }
+      }
+    }
   };
 
   dispatch_rule(rule, clip.has_value(), [&](auto rule_tag, auto clip_tag) {
+   dispatch_bool(steps != nullptr, [&](auto steps_tag) {
     constexpr Rule R = decltype(rule_tag)::value;
     constexpr bool CLIP = decltype(clip_tag)::value;
+    constexpr bool STEPS = decltype(steps_tag)::value;
+    const trace_t* zrow = zeros.data();
+    trace_t* scr = scratch.data();
     bool g_zero = !has_grad_hT;
     const acc_t* Gin = has_grad_hT ? grad_hT.data_ptr<acc_t>() : Gp;
     for (int64_t m = d.T - 1; m >= 0; --m) {
       const int64_t s = m - m % d.K;
       if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1)) {  // entering segment [s, m]
-        recompute_segment<acc_t, trace_t, R, CLIP>(P, H_at(s), segp, s, m - s + 1);
+        recompute_segment<acc_t, trace_t, R, CLIP, STEPS>(P, H_at(s), segp, s, m - s + 1, zrow);
       }
       const bool drive = m + 1 < d.T;
       if (!drive && g_zero) {  // UPDATE of step T-1 against a zero G: every term is zero
@@ -625,21 +764,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const acc_t* ga = drive ? g_drive.data_ptr<acc_t>() + (m + 1) * row_numel : nullptr;
       acc_t* dp_b = drive ? dp_at(m + 1) : nullptr;
       dispatch_flags(drive, g_zero, [&](auto drive_tag, auto zero_tag) {
-        backward_pass<acc_t, trace_t, R, CLIP, decltype(drive_tag)::value, true, decltype(zero_tag)::value>(
-            P, sp, H_at(m), Gin, Gp, m, ga, gap, dp_b, dp_at(m), partp);
+        backward_pass<acc_t, trace_t, R, CLIP, decltype(drive_tag)::value, true, decltype(zero_tag)::value, STEPS>(
+            P, sp, H_at(m), Gin, Gp, m, ga, gap, dp_b, dp_at(m), partp, zrow, scr);
       });
       g_zero = false;
       Gin = Gp;
       finish_step(m, true);
     }
     dispatch_flags(g_zero, false, [&](auto zero_tag, auto) {
-      backward_pass<acc_t, trace_t, R, CLIP, true, false, decltype(zero_tag)::value>(
-          P, sp, H_at(0), Gin, Gp, 0, g_drive.data_ptr<acc_t>(), gap, dp_at(0), nullptr, nullptr);
+      backward_pass<acc_t, trace_t, R, CLIP, true, false, decltype(zero_tag)::value, STEPS>(
+          P, sp, H_at(0), Gin, Gp, 0, g_drive.data_ptr<acc_t>(), gap, dp_at(0), nullptr, nullptr, zrow, scr);
     });
+   });
   });
 
   // dL/dw = sum_t p_t^T ga_t as one GEMM over all steps.
   at::Tensor P_all = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
+  if (steps) {  // a skipped step reads no input (its ga is 0, its input may be NaN padding); a reset
+               // step's recurrent input was the constant 0
+    const at::Tensor unread = steps->bitwise_and(recurrent ? (kReset | kSkip) : kSkip).ne(0).unsqueeze(2);
+    P_all = P_all.masked_fill(unread, 0);
+  }
   auto g_w = at::mm(P_all.reshape({d.T * d.B, d.n_in}).t(), g_drive.reshape({d.T * d.B, d.n_out}));
   return {g_pre.to(pre_in.scalar_type()), g_drive.to(grad_y_in.scalar_type()), g_w.to(w_in.scalar_type()),
           g_alpha.to(alpha_in.scalar_type()), g_e.to(e_in.scalar_type()), G.to(ckpts.scalar_type())};
@@ -650,14 +795,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 ForwardResult forward_cpu(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                           const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
-                          c10::string_view activation, c10::optional<double> clip, int64_t K) {
+                          c10::string_view activation, c10::optional<double> clip, int64_t K,
+                          const c10::optional<at::Tensor>& steps) {
   const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
+  const at::Tensor* flags = check_steps(steps, d, drive.device()) ? &*steps : nullptr;
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
   ForwardResult out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drive.scalar_type(), "plastic_forward_cpu", [&] {
     dispatch_trace<scalar_t>(h0.scalar_type(), [&](auto trace_tag) {
-      out = forward_impl<scalar_t, decltype(trace_tag)>(pre, drive, w, alpha, e, h0, r, a, clip, d, recurrent);
+      out = forward_impl<scalar_t, decltype(trace_tag)>(pre, drive, w, alpha, e, h0, r, a, clip, d, recurrent, flags);
     });
   });
   return out;
@@ -666,8 +813,10 @@ ForwardResult forward_cpu(bool recurrent, const at::Tensor& pre, const at::Tenso
 BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                             const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                             const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
-                            c10::string_view activation, c10::optional<double> clip, int64_t K) {
+                            c10::string_view activation, c10::optional<double> clip, int64_t K,
+                            const c10::optional<at::Tensor>& steps) {
   const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const at::Tensor* flags = check_steps(steps, d, y.device()) ? &*steps : nullptr;
   const NoAutocast no_autocast;
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
   const Rule r = parse_rule(to_string(rule));
@@ -676,7 +825,7 @@ BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "plastic_backward_cpu", [&] {
     dispatch_trace<scalar_t>(ckpts.scalar_type(), [&](auto trace_tag) {
       out = backward_impl<scalar_t, decltype(trace_tag)>(grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y, ckpts,
-                                                         r, a, clip, d, recurrent);
+                                                         r, a, clip, d, recurrent, flags);
     });
   });
   return out;

@@ -20,17 +20,26 @@ namespace fused {
 //     over j into dp_a (dL/dp_m).
 // Sums over j: per i, the warp adds its 32 lanes with warp_sum_many and one lane writes slot
 // [b, warp, i] of dp_a (set) or dp_b (set, or added to the update's part when dp_b_add): every slot
-// has one writer per pass, and dp_a and dp_b are different buffers. Gin may be Gout (in place, the
-// next row loaded before this row is stored); g_zero: G is zero and Gin is not read.
-template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE>
+// has one writer per pass, and dp_a and dp_b are different buffers. G = dL/dH is kept in acc_t (trace_t
+// itself for a float or double trace; float for a bfloat16 one, rounded once at the end). Gin may be
+// Gout (in place, the next row loaded before this row is stored); g_zero: G is zero and Gin is not read.
+// STEPS: f_a and f_b are the flag rows (B bytes) of steps m and tb, read once per episode of the tile.
+// H_m in memory is the trace carried into step m (before its RESET), as the forward keeps it. A RESET
+// of step m runs its update half on H = 0 (and p_m = 0 when zero_pre: the recurrent form); a SKIP of
+// step m passes G through with no other term. The drive half of step tb uses H = 0 (and p_tb = 0 when
+// zero_pre) under a RESET of tb and adds nothing under its SKIP; after it a RESET of tb zeroes G (the
+// old trace was overwritten). The sums toward dL/dp of a step that is skipped, or reset in the
+// recurrent form, are zero (its pre was the constant 0 there).
+template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE, bool STEPS>
 __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
-    const trace_t* __restrict__ Hm, const trace_t* Gin, trace_t* Gout, bool g_zero,
+    const trace_t* __restrict__ Hm, const acc_type<scalar_t>* Gin, acc_type<scalar_t>* Gout, bool g_zero,
     const scalar_t* __restrict__ p_a, const scalar_t* __restrict__ y_a, const scalar_t* __restrict__ e_a,
     acc_type<scalar_t>* __restrict__ de_part, acc_type<scalar_t>* __restrict__ dy_part,
     acc_type<scalar_t>* __restrict__ dp_a, const scalar_t* __restrict__ p_b, const scalar_t* __restrict__ ga_b,
     const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha, acc_type<scalar_t>* __restrict__ dalpha_part,
     acc_type<scalar_t>* __restrict__ dp_b, bool dp_b_add, int64_t B, int64_t n_in, int64_t n_out, int64_t n_warps_j,
-    int64_t chunk, bool has_clip, acc_type<scalar_t> clip) {
+    int64_t chunk, bool has_clip, acc_type<scalar_t> clip, const uint8_t* __restrict__ f_a,
+    const uint8_t* __restrict__ f_b, bool zero_pre) {
   using acc_t = acc_type<scalar_t>;
   constexpr int NV = (DRIVE ? kTile : 0) + (UPDATE ? kTile : 0);  // values summed over j per i
   constexpr int kLanesPerValue = 32 / NV;
@@ -50,12 +59,20 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
   const int64_t plane = n_in * n_out;
 
   acc_t ya[kTile], ea[kTile], gab[kTile], de[kTile], dy[kTile];
-  trace_t h_next[kTile], g_next[kTile];
+  trace_t h_next[kTile];
+  acc_t g_next[kTile];
+  uint8_t fa[kTile], fb[kTile];
 #pragma unroll
   for (int k = 0; k < kTile; ++k) {
     ya[k] = ea[k] = gab[k] = de[k] = dy[k] = acc_t(0);
-    h_next[k] = g_next[k] = trace_t(0);
+    h_next[k] = trace_t(0);
+    g_next[k] = acc_t(0);
+    fa[k] = fb[k] = 0;
     if (valid && k < nb) {
+      if (STEPS) {
+        if (UPDATE) fa[k] = f_a[b0 + k];
+        if (DRIVE) fb[k] = f_b[b0 + k];
+      }
       const int64_t c = (b0 + k) * n_out + j;
       if (UPDATE) {
         ya[k] = static_cast<acc_t>(y_a[c]);
@@ -70,7 +87,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
     }
   }
   for (int64_t i = i0; i < i1; ++i) {
-    trace_t h_cur[kTile], g_cur[kTile];
+    trace_t h_cur[kTile];
+    acc_t g_cur[kTile];
 #pragma unroll
     for (int k = 0; k < kTile; ++k) {
       h_cur[k] = h_next[k];
@@ -91,18 +109,31 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
       acc_t sb = 0, sa = 0;
       if (valid && k < nb) {
         const int64_t r = (b0 + k) * n_in + i;
-        const acc_t h = static_cast<acc_t>(h_cur[k]);
-        acc_t g = g_zero ? acc_t(0) : static_cast<acc_t>(g_cur[k]);
-        const acc_t pa = UPDATE ? static_cast<acc_t>(p_a[r]) : acc_t(0);
-        const acc_t hpre = UPDATE ? updated_trace<OJA>(h, pa, ya[k], ea[k]) : h;
-        const acc_t hb = UPDATE ? stored_trace<trace_t>(hpre, has_clip, clip) : h;  // H_tb, as the forward had it
-        if (DRIVE) {
-          const acc_t pg = static_cast<acc_t>(p_b[r]) * gab[k];
-          g += pg * av;  // products in the reference's order (see fused_forward_sweep_kernel)
-          da += pg * hb;
-          sb = gab[k] * wv + gab[k] * (av * hb);
+        acc_t h = static_cast<acc_t>(h_cur[k]);
+        acc_t g = g_zero ? acc_t(0) : g_cur[k];
+        acc_t pa = UPDATE ? static_cast<acc_t>(p_a[r]) : acc_t(0);
+        if (STEPS && UPDATE && (fa[k] & kReset)) {  // step m ran on H = 0 (and p = 0)
+          h = acc_t(0);
+          if (zero_pre) pa = acc_t(0);
         }
-        if (UPDATE) {
+        const bool skip_a = STEPS && UPDATE && (fa[k] & kSkip);
+        const acc_t hpre = UPDATE ? updated_trace<OJA>(h, pa, ya[k], ea[k]) : h;
+        // H_tb, as the forward had it
+        const acc_t hb = UPDATE ? (skip_a ? h : stored_trace<trace_t>(hpre, has_clip, clip)) : h;
+        if (DRIVE && !(STEPS && (fb[k] & kSkip))) {
+          acc_t hd = hb, pb = static_cast<acc_t>(p_b[r]);
+          if (STEPS && (fb[k] & kReset)) {
+            hd = acc_t(0);
+            if (zero_pre) pb = acc_t(0);
+          }
+          const acc_t pg = pb * gab[k];
+          g += pg * av;  // products in the reference's order (see fused_forward_sweep_kernel)
+          da += pg * hd;
+          sb = gab[k] * wv + gab[k] * (av * hd);
+          if (STEPS && zero_pre && (fb[k] & kReset)) sb = acc_t(0);
+        }
+        if (STEPS && DRIVE && (fb[k] & kReset)) g = acc_t(0);  // nothing flows into the trace before tb
+        if (UPDATE && !skip_a) {
           if (has_clip && !(hpre >= -clip && hpre <= clip)) g = acc_t(0);
           const acc_t yv = ya[k], ev = ea[k];
           // Terms kept apart as autograd keeps them on the reference (no factoring), so an infinite
@@ -119,8 +150,9 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
             sa = g * ev * yv;
             g = g * (acc_t(1) - ev);
           }
+          if (STEPS && zero_pre && (fa[k] & kReset)) sa = acc_t(0);
         }
-        Gout[(b0 + k) * plane + wo] = static_cast<trace_t>(g);
+        Gout[(b0 + k) * plane + wo] = g;
       }
       if (DRIVE) sums[k] = sb;
       if (UPDATE) sums[(DRIVE ? kTile : 0) + k] = sa;
@@ -158,15 +190,17 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
 //     dL/dp_{m+1}, summed from dp_slots[b, :, j]) + (has_update: the update's part, the S splits of
 //     dy_part in order); dL/de_m from de_part; ga_m = act'(dL/dy_m), which is dL/d(drive_m).
 // Softmax keeps the total dL/dy_m in dy_part[0, b, :] (in acc_t) until sum_k g_k y_k is known; each
-// thread rewrites only the entries it has read.
-template <typename scalar_t>
+// thread rewrites only the entries it has read. STEPS: a row whose flags f_m[b] have SKIP had the
+// constant y_m = 0: ga_m and dL/de_m are zero there, grad_y_m is ignored.
+template <typename scalar_t, bool STEPS>
 __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ dp_slots, int64_t n_warps_j,
                                          int64_t n_in, scalar_t* __restrict__ dp_out, bool carry, bool act_step,
                                          acc_type<scalar_t>* __restrict__ dy_part,
                                          const acc_type<scalar_t>* __restrict__ de_part, int64_t n_split,
                                          bool has_update, const scalar_t* __restrict__ grad_y_m,
                                          const scalar_t* __restrict__ y_m, scalar_t* __restrict__ ga_m,
-                                         scalar_t* __restrict__ ge_m, int64_t B, int64_t n_out, int act) {
+                                         scalar_t* __restrict__ ge_m, int64_t B, int64_t n_out, int act,
+                                         const uint8_t* __restrict__ f_m) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t shm[32];
   const int64_t b = blockIdx.x;
@@ -179,6 +213,13 @@ __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ 
     }
   }
   if (!act_step) return;  // uniform over the block
+  if (STEPS && (f_m[b] & kSkip)) {  // uniform over the block
+    for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+      ga_m[b * n_out + j] = scalar_t(0);
+      ge_m[b * n_out + j] = scalar_t(0);
+    }
+    return;
+  }
   const bool softmax = static_cast<Act>(act) == Act::Softmax;
   acc_t dot = 0;
   for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {

@@ -67,6 +67,25 @@ __device__ __forceinline__ acc_t stored_trace(acc_t hpre, bool has_clip, acc_t c
   return static_cast<acc_t>(static_cast<trace_t>(h));
 }
 
+// Per-row step flags, steps[t, b] of the op's optional (T, B) uint8 tensor, with the bits kReset and
+// kSkip of ../plastic_common.h (docs/op_spec.md, "Episode resets and lengths"). Every kernel that reads
+// them has a template parameter STEPS: without it the flags are never read and the code is the same as
+// without the argument.
+
+// The trace carried out of step t from the trace h carried into it: RESET zeroes h (and p when
+// zero_pre: the recurrent form), SKIP passes it on, else the update and the clamp, stored. The
+// forward sweep and every recomputation go through this, so they apply the flags bit for bit alike.
+template <bool OJA, bool STEPS, typename trace_t, typename acc_t>
+__device__ __forceinline__ acc_t stepped_trace(acc_t h, acc_t p, acc_t y, acc_t e, uint8_t flags, bool zero_pre,
+                                               bool has_clip, acc_t clip) {
+  if (STEPS && (flags & kReset)) {
+    h = acc_t(0);
+    if (zero_pre) p = acc_t(0);
+  }
+  if (STEPS && (flags & kSkip)) return h;
+  return stored_trace<trace_t>(updated_trace<OJA>(h, p, y, e), has_clip, clip);
+}
+
 // Sums each of NV values (NV a power of 2, <= 32) over the 32 lanes of a warp, with NV - 1 +
 // log2(32 / NV) shuffles instead of 5 NV. In each of the first log2(NV) butterfly steps a lane keeps
 // half of its values, adds its partner's copy of that half, and the partner does the same with the

@@ -16,13 +16,18 @@ namespace fused {
 // once per i for the whole tile; the next row's trace values are loaded before this row's are
 // stored. The partial sums go to part[z, b, j]; the activation adds the splits in a fixed order.
 // src and dst may be the same buffer (each element is read, then written, by one thread).
-template <typename scalar_t, typename trace_t, bool OJA, bool UPDATE>
+// STEPS: f_prev and f_cur are the flag rows (B bytes) of steps t-1 and t, read once per episode of the
+// tile. The update of step t-1 goes through stepped_trace (RESET, SKIP); dst gets H_t as carried into
+// step t, before its RESET; then a RESET of step t zeroes H_t (and p_t when zero_pre) in a_t, and a
+// SKIP of step t leaves the episode out of the sum (the activation writes y_t = 0).
+template <typename scalar_t, typename trace_t, bool OJA, bool UPDATE, bool STEPS>
 __global__ void __launch_bounds__(kThreads)
     fused_forward_sweep_kernel(const trace_t* src, trace_t* dst, const scalar_t* __restrict__ p_prev,
                                const scalar_t* __restrict__ y_prev, const scalar_t* __restrict__ e_prev,
                                const scalar_t* __restrict__ p_cur, const scalar_t* __restrict__ w,
                                const scalar_t* __restrict__ alpha, acc_type<scalar_t>* __restrict__ part, int64_t B,
-                               int64_t n_in, int64_t n_out, int64_t chunk, bool has_clip, acc_type<scalar_t> clip) {
+                               int64_t n_in, int64_t n_out, int64_t chunk, bool has_clip, acc_type<scalar_t> clip,
+                               const uint8_t* __restrict__ f_prev, const uint8_t* __restrict__ f_cur, bool zero_pre) {
   using acc_t = acc_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= n_out) return;  // no cooperation between threads below
@@ -33,12 +38,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = n_in * n_out;
   acc_t yv[kTile], ev[kTile], acc[kTile];
   trace_t next[kTile];
+  uint8_t fp[kTile], fc[kTile];
 #pragma unroll
   for (int k = 0; k < kTile; ++k) {
     acc[k] = acc_t(0);
     yv[k] = ev[k] = acc_t(0);
     next[k] = trace_t(0);
+    fp[k] = fc[k] = 0;
     if (k < nb) {
+      if (STEPS) {
+        if (UPDATE) fp[k] = f_prev[b0 + k];
+        fc[k] = f_cur[b0 + k];
+      }
       if (UPDATE) {
         yv[k] = static_cast<acc_t>(y_prev[(b0 + k) * n_out + j]);
         ev[k] = static_cast<acc_t>(e_prev[(b0 + k) * n_out + j]);
@@ -60,10 +71,16 @@ __global__ void __launch_bounds__(kThreads)
       if (k >= nb) continue;
       const int64_t r = (b0 + k) * n_in + i;  // row (b, i) of p and of the trace
       acc_t h = static_cast<acc_t>(cur[k]);
-      if (UPDATE) h = stored_trace<trace_t>(updated_trace<OJA>(h, static_cast<acc_t>(p_prev[r]), yv[k], ev[k]),
-                                            has_clip, clip);
+      if (UPDATE)
+        h = stepped_trace<OJA, STEPS, trace_t>(h, static_cast<acc_t>(p_prev[r]), yv[k], ev[k], fp[k], zero_pre,
+                                               has_clip, clip);
       if (dst != nullptr) dst[r * n_out + j] = static_cast<trace_t>(h);
-      const acc_t pc = static_cast<acc_t>(p_cur[r]);
+      if (STEPS && (fc[k] & kSkip)) continue;
+      acc_t pc = static_cast<acc_t>(p_cur[r]);
+      if (STEPS && (fc[k] & kReset)) {
+        h = acc_t(0);
+        if (zero_pre) pc = acc_t(0);
+      }
       // p*w and p*(alpha*h) as two terms, as in the reference (docs/op_spec.md, "NaN and inf")
       acc[k] += pc * wv + pc * (av * h);
     }
@@ -75,14 +92,19 @@ __global__ void __launch_bounds__(kThreads)
 
 // y_t[b, :] = act(drive_t[b, :] + sum_z part[z, b, :]), the splits added in the order z = 0 .. S-1.
 // One block per row b. Softmax keeps a_t in part[0, b, :] (in acc_t) until the row's max and sum are
-// known; each thread rewrites only the entries it has read.
-template <typename scalar_t>
+// known; each thread rewrites only the entries it has read. STEPS: a row whose flags f_t[b] have SKIP
+// gets y_t[b, :] = 0.
+template <typename scalar_t, bool STEPS>
 __global__ void fused_activation_forward_kernel(acc_type<scalar_t>* __restrict__ part, int64_t n_split,
                                                 const scalar_t* __restrict__ drive_t, scalar_t* __restrict__ y_t,
-                                                int64_t B, int64_t n_out, int act) {
+                                                int64_t B, int64_t n_out, int act, const uint8_t* __restrict__ f_t) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t shm[32];
   const int64_t b = blockIdx.x;
+  if (STEPS && (f_t[b] & kSkip)) {  // uniform over the block
+    for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) y_t[b * n_out + j] = scalar_t(0);
+    return;
+  }
   const bool softmax = static_cast<Act>(act) == Act::Softmax;
   acc_t mx = static_cast<acc_t>(-INFINITY);
   for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
@@ -113,11 +135,13 @@ __global__ void fused_activation_forward_kernel(acc_type<scalar_t>* __restrict__
 // H_{t0}[r, j] from src once, then writes H_{t0+1+l}[r, j] to dst + l * dst_stride for l = 0 ..
 // steps-1, keeping the trace in a register between steps. Used for H_T after the forward's last
 // step (steps = 1, dst may be src) and for the backward's recomputed segments. A grid-stride loop
-// over rows.
-template <typename scalar_t, typename trace_t, bool OJA>
+// over rows. STEPS: each step goes through stepped_trace with the row's flags flags[t, b] (read once
+// per row and step), as in the forward sweep, so the traces are the forward's, bit for bit.
+template <typename scalar_t, typename trace_t, bool OJA, bool STEPS>
 __global__ void fused_update_steps_kernel(const trace_t* src, trace_t* dst, int64_t dst_stride, int64_t t0,
                                           int64_t steps, PreRows<scalar_t> P, const scalar_t* __restrict__ y,
-                                          const scalar_t* __restrict__ e, bool has_clip, acc_type<scalar_t> clip) {
+                                          const scalar_t* __restrict__ e, bool has_clip, acc_type<scalar_t> clip,
+                                          const uint8_t* __restrict__ flags) {
   using acc_t = acc_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n_in = P.n_in, n_out = P.n_out, bo = P.B * n_out;
@@ -129,9 +153,9 @@ __global__ void fused_update_steps_kernel(const trace_t* src, trace_t* dst, int6
     for (int64_t l = 0; l < steps; ++l) {
       const int64_t t = t0 + l;
       const int64_t c = t * bo + b * n_out + j;
-      h = stored_trace<trace_t>(updated_trace<OJA>(h, static_cast<acc_t>(P.at(t)[r]), static_cast<acc_t>(y[c]),
-                                                   static_cast<acc_t>(e[c])),
-                                has_clip, clip);
+      const uint8_t f = STEPS ? flags[t * P.B + b] : uint8_t(0);
+      h = stepped_trace<OJA, STEPS, trace_t>(h, static_cast<acc_t>(P.at(t)[r]), static_cast<acc_t>(y[c]),
+                                             static_cast<acc_t>(e[c]), f, P.recurrent, has_clip, clip);
       dst[l * dst_stride + r * n_out + j] = static_cast<trace_t>(h);
     }
   }

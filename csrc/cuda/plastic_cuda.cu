@@ -646,11 +646,13 @@ at::TensorOptions acc_options(const at::Tensor& like) {
 
 // Forward: H_t lands once, straight where it is kept: checkpoint t / K when K divides t (H_0 copied
 // by the sweep of step 0), else the output trace, updated in place, which ends as H_T.
-template <typename scalar_t, typename trace_t, bool OJA>
+// STEPS: sp is the (T, B) flags; the kernels of step t get its rows for t-1 and t (docs/cuda.md,
+// "Episode resets and lengths"). What is kept is always the trace carried into a step, before its RESET.
+template <typename scalar_t, typename trace_t, bool OJA, bool STEPS>
 void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                         const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Act act,
                         c10::optional<double> clip, const Dims& d, at::Tensor& y, at::Tensor& hT,
-                        at::Tensor& ckpts) {
+                        at::Tensor& ckpts, const uint8_t* sp) {
   using acc_t = fused::acc_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_clip = clip.has_value();
@@ -658,7 +660,7 @@ void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor&
   const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out;
   const FusedGrid g = fused_grid(
       d.B, d.n_in, d.n_out,
-      resident_blocks(fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true>, fused::kThreads));
+      resident_blocks(fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS>, fused::kThreads));
   at::Tensor part = at::empty({g.n_split, d.B, d.n_out}, acc_options<acc_t>(drive));
 
   scalar_t* yp = y.data_ptr<scalar_t>();
@@ -672,27 +674,29 @@ void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor&
   acc_t* partp = part.data_ptr<acc_t>();
   const fused::PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
   auto slot = [&](int64_t t) -> trace_t* { return d.K > 0 && t % d.K == 0 ? cp + (t / d.K) * hs : hp; };
+  auto flags = [&](int64_t t) -> const uint8_t* { return STEPS ? sp + t * d.B : nullptr; };  // row of step t
 
   const trace_t* cur = h0p;  // holds H_t
   for (int64_t t = 0; t < d.T; ++t) {
     if (t == 0) {
-      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, false><<<g.grid, fused::kThreads, 0, stream>>>(
-          h0p, cp, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, g.chunk, has_clip, c);
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, false, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
+          h0p, cp, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, g.chunk, has_clip, c,
+          nullptr, flags(0), recurrent);
     } else {
       trace_t* next = slot(t);
-      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true><<<g.grid, fused::kThreads, 0, stream>>>(
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
           cur, next, P.at(t - 1), yp + (t - 1) * bo, ep + (t - 1) * bo, P.at(t), wp, ap, partp, d.B, d.n_in,
-          d.n_out, g.chunk, has_clip, c);
+          d.n_out, g.chunk, has_clip, c, flags(t - 1), flags(t), recurrent);
       cur = next;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fused_activation_forward_kernel<scalar_t><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
-        partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act));
+    fused_activation_forward_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+        partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act), flags(t));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (d.n_in > 0) {  // H_T: the update of the last step
-    fused_update_steps_kernel<scalar_t, trace_t, OJA><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
-        cur, hp, 0, d.T - 1, 1, P, yp, ep, has_clip, c);
+    fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
+        cur, hp, 0, d.T - 1, 1, P, yp, ep, has_clip, c, sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -701,12 +705,13 @@ void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor&
 // then the drive half of step 0 alone (docs/op_spec.md, "Backward"). H_m comes from its checkpoint
 // when K divides m, else from the segment recomputed on entering it. Without dL/dH_T (has_grad_hT
 // false) the update half of step T-1 is skipped and the first pass writes G without reading it.
-template <typename scalar_t, typename trace_t, bool OJA>
+// STEPS: sp is the (T, B) flags; each pass gets the rows of its two steps, the segment recompute all.
+template <typename scalar_t, typename trace_t, bool OJA, bool STEPS>
 void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT, bool has_grad_hT,
                          const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                          const at::Tensor& y, const at::Tensor& ckpts, Act act, c10::optional<double> clip,
                          const Dims& d, at::Tensor& G, at::Tensor& g_pre, at::Tensor& g_drive, at::Tensor& g_alpha,
-                         at::Tensor& g_e) {
+                         at::Tensor& g_e, const uint8_t* sp) {
   using acc_t = fused::acc_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_clip = clip.has_value();
@@ -714,7 +719,7 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out, bi = d.B * d.n_in;
   const FusedGrid g = fused_grid(
       d.B, d.n_in, d.n_out,
-      resident_blocks(fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true>, fused::kThreads));
+      resident_blocks(fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS>, fused::kThreads));
   const int64_t n_warps_j = ceil_div(d.n_out, 32);
   const int64_t n_tiles = ceil_div(d.B, fused::kTile);
   const int64_t slot_numel = d.B * n_warps_j * d.n_in;
@@ -727,7 +732,7 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   const int64_t seg_max = std::min(d.K, d.T);
   at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{cK+1} .. of a segment
 
-  trace_t* Gp = G.data_ptr<trace_t>();
+  acc_t* Gp = G.data_ptr<acc_t>();
   scalar_t* gpre = g_pre.data_ptr<scalar_t>();
   scalar_t* gdrive = g_drive.data_ptr<scalar_t>();
   scalar_t* ge = g_e.data_ptr<scalar_t>();
@@ -748,22 +753,23 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
     return m % d.K == 0 ? ckp + (m / d.K) * hs : segp + (m % d.K - 1) * hs;
   };
   auto slots = [&](int64_t t) -> acc_t* { return slotp + (t % 2) * slot_numel; };
+  auto flags = [&](int64_t t) -> const uint8_t* { return STEPS ? sp + t * d.B : nullptr; };  // row of step t
   // The end of step m (act_step) and/or dL/dp written out from the slots of step t_dp.
   auto finish = [&](int64_t m, int64_t t_dp, scalar_t* dp_out, bool carry, bool act_step, bool has_update) {
-    fused_step_finish_kernel<scalar_t><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+    fused_step_finish_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
         slots(t_dp), n_warps_j, d.n_in, dp_out, carry, act_step, dyp, dep, g.n_split, has_update, gyp + m * bo,
-        yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act));
+        yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act), flags(m));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
   bool g_zero = !has_grad_hT;
-  const trace_t* Gin = has_grad_hT ? grad_hT.data_ptr<trace_t>() : Gp;
+  const acc_t* Gin = has_grad_hT ? grad_hT.data_ptr<acc_t>() : Gp;
   bool update_ran_next = false;  // the update half of step m+1 ran and set the slots of dL/dp_{m+1}
   for (int64_t m = d.T - 1; m >= 0; --m) {
     const int64_t s = m - m % d.K;
     if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1) && bi > 0) {  // entering segment [s, m]
-      fused_update_steps_kernel<scalar_t, trace_t, OJA><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
-          H_at(s), segp, hs, s, m - s, P, yp, ep, has_clip, c);
+      fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
+          H_at(s), segp, hs, s, m - s, P, yp, ep, has_clip, c, sp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const bool drive = m + 1 < d.T;
@@ -776,13 +782,14 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
     const scalar_t* p_next = drive ? P.at(m + 1) : nullptr;
     acc_t* dp_next = drive ? slots(m + 1) : nullptr;
     if (drive) {
-      fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true><<<g.grid, fused::kThreads, 0, stream>>>(
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
           H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), p_next, ga_next, wp, ap,
-          dap, dp_next, update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+          dap, dp_next, update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, flags(m),
+          flags(m + 1), recurrent);
     } else {
-      fused_backward_pass_kernel<scalar_t, trace_t, OJA, false, true><<<g.grid, fused::kThreads, 0, stream>>>(
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, false, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
           H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), nullptr, nullptr, wp, ap,
-          dap, nullptr, false, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+          dap, nullptr, false, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, flags(m), nullptr, recurrent);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     g_zero = false;
@@ -792,9 +799,9 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
     update_ran_next = true;
   }
   // the drive half of step 0, then dL/dp_0: dL/dx_0 (linear) or dL/dy0 (recurrent)
-  fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, false><<<g.grid, fused::kThreads, 0, stream>>>(
+  fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, false, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
       H_at(0), Gin, Gp, g_zero, nullptr, nullptr, nullptr, dep, dyp, nullptr, P.at(0), gdrive, wp, ap, dap, slots(0),
-      update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c);
+      update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, nullptr, flags(0), recurrent);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finish(0, 0, gpre, false, false, false);
   const int64_t a_numel = d.n_in * d.n_out;
@@ -806,9 +813,28 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   }
 }
 
+// Calls f(trace_t{}, steps_tag): trace_t is scalar_t, or c10::BFloat16 for float inputs with a bfloat16
+// trace, which takes the fused kernels only with step flags (fused_handles); steps_tag is
+// std::true_type when there are step flags (sp not null), else std::false_type: the kernels' STEPS
+// policy. Without flags the kernels run as if the argument did not exist.
+template <typename scalar_t, typename F>
+void dispatch_fused_trace(at::ScalarType trace, const uint8_t* sp, F&& f) {
+  if (sp == nullptr) {
+    f(scalar_t{}, std::false_type{});
+    return;
+  }
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (trace == at::kBFloat16) {
+      f(c10::BFloat16{}, std::true_type{});
+      return;
+    }
+  }
+  f(scalar_t{}, std::true_type{});
+}
+
 ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                             const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Rule rule, Act act,
-                            c10::optional<double> clip, const Dims& d) {
+                            c10::optional<double> clip, const Dims& d, const uint8_t* sp) {
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
   at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
@@ -817,11 +843,17 @@ ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Ten
     return std::make_tuple(y, hT, ckpts);
   }
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda_fused", [&] {
-    if (rule == Rule::Oja) {
-      fused_forward_impl<scalar_t, scalar_t, true>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT, ckpts);
-    } else {
-      fused_forward_impl<scalar_t, scalar_t, false>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT, ckpts);
-    }
+    dispatch_fused_trace<scalar_t>(h0.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
+      using trace_t = decltype(trace_tag);
+      constexpr bool S = decltype(steps_tag)::value;
+      if (rule == Rule::Oja) {
+        fused_forward_impl<scalar_t, trace_t, true, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
+                                                       ckpts, sp);
+      } else {
+        fused_forward_impl<scalar_t, trace_t, false, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
+                                                        ckpts, sp);
+      }
+    });
   });
   return std::make_tuple(y, hT, ckpts);
 }
@@ -829,7 +861,8 @@ ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Ten
 BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                               const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                               const at::Tensor& y, const at::Tensor& ckpts, Rule rule, Act act,
-                              c10::optional<double> clip, const Dims& d) {
+                              c10::optional<double> clip, const Dims& d, const c10::optional<at::Tensor>& steps,
+                              const uint8_t* sp) {
   const auto opts = grad_y.options();
   if (d.B == 0 || d.n_out == 0) {
     return std::make_tuple(at::zeros_like(pre), at::zeros({d.T, d.B, d.n_out}, opts), at::zeros_like(w),
@@ -837,34 +870,75 @@ BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at
                            at::zeros({d.B, d.n_in, d.n_out}, ckpts.options()));
   }
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
-  // every element of these is written by the kernels
-  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options());
+  // G = dL/dH in the accumulation type (a bfloat16 trace's dL/dH_T is read as float once, and dL/dH_0
+  // rounded to bfloat16 at the end); every element of these is written by the kernels
+  const auto acc = at::toOpMathType(grad_y.scalar_type());
+  const at::Tensor grad_hT_acc = has_grad_hT && grad_hT.scalar_type() != acc ? grad_hT.to(acc) : grad_hT;
+  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options().dtype(acc));
   at::Tensor g_pre = at::empty_like(pre);
   at::Tensor g_drive = at::empty({d.T, d.B, d.n_out}, opts);
   at::Tensor g_alpha = at::empty({d.n_in, d.n_out}, opts);
   at::Tensor g_e = at::empty({d.T, d.B, d.n_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda_fused", [&] {
-    if (rule == Rule::Oja) {
-      fused_backward_impl<scalar_t, scalar_t, true>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y,
-                                                    ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e);
-    } else {
-      fused_backward_impl<scalar_t, scalar_t, false>(recurrent, grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y,
-                                                     ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e);
-    }
+    dispatch_fused_trace<scalar_t>(ckpts.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
+      using trace_t = decltype(trace_tag);
+      constexpr bool S = decltype(steps_tag)::value;
+      if (rule == Rule::Oja) {
+        fused_backward_impl<scalar_t, trace_t, true, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
+                                                        e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e, sp);
+      } else {
+        fused_backward_impl<scalar_t, trace_t, false, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
+                                                         e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e,
+                                                         sp);
+      }
+    });
   });
-  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps.
+  // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps. With flags, the rows of P that the forward did
+  // not read are zeroed (a select, not a product): a skipped step's (its ga is 0, its input may be NaN
+  // padding) and, in the recurrent form, a reset step's (p_t was the constant 0).
   at::Tensor P = recurrent ? at::cat({pre.unsqueeze(0), y.narrow(0, 0, d.T - 1)}, 0) : pre;
+  if (sp != nullptr) {
+    const int64_t unread = recurrent ? (kReset | kSkip) : kSkip;
+    P = P.masked_fill(at::bitwise_and(*steps, unread).ne(0).unsqueeze(-1), 0);
+  }
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
-  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G);
+  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G.to(ckpts.scalar_type()));  // a no-op but for bfloat16
 }
 
 // ------------------------------------------------------------------------------------------
 // Op entry points.
 
-// The fused kernels take float32 or float64 with a trace of the same dtype; 16-bit inputs and a
-// bfloat16 trace run on the previous kernels until the fused ones are instantiated for them.
-bool fused_handles(at::ScalarType io, at::ScalarType trace) {
-  return io == trace && (io == at::kFloat || io == at::kDouble);
+// The fused kernels take float32 or float64 with a trace of the same dtype, and, with step flags,
+// float32 inputs with a bfloat16 trace; with step flags, 16-bit inputs run on them from float32 copies
+// (is_16bit below). Without flags, 16-bit inputs and a bfloat16 trace run on the previous kernels until
+// the fused ones are instantiated for them.
+bool fused_handles(at::ScalarType io, at::ScalarType trace, bool with_steps) {
+  if (io == trace && (io == at::kFloat || io == at::kDouble)) return true;
+  return with_steps && io == at::kFloat && trace == at::kBFloat16;
+}
+
+bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// 16-bit inputs with step flags: the fused kernels on float32 copies. Unlike the other paths, y_t stays
+// in float32 through the recurrence and is rounded once, when returned; the backward reads that rounded
+// y, so its gradients are those of the other paths to about a unit of the 16-bit dtype (docs/cuda.md,
+// "Step flags"). The gradients come back in each input's dtype.
+at::Tensor as_float(const at::Tensor& t) { return is_16bit(t.scalar_type()) ? t.to(at::kFloat) : t; }
+
+// The per-row step flags (docs/op_spec.md, "Episode resets and lengths"): None, or a contiguous (T, B)
+// uint8 tensor on the op's device. Returns its data, or null without flags. Only the fused kernels
+// take them: the previous kernels (v1) get no new features and refuse them. The flags are never read
+// on the host (a call stays capturable in a CUDA graph), so other bits are not checked here.
+const uint8_t* steps_for_fused(const c10::optional<at::Tensor>& steps, const Dims& d, const at::Tensor& like,
+                               at::ScalarType io, at::ScalarType trace) {
+  if (!check_steps(steps, d, like.device())) return nullptr;
+  TORCH_CHECK(use_fused_kernels(), "plastic_ops: episode resets and lengths (steps) need the fused CUDA kernels "
+              "(v2); unset PLASTIC_OPS_CUDA_KERNELS=v1");
+  TORCH_CHECK(fused_handles(is_16bit(io) ? at::kFloat : io, trace, true),
+              "plastic_ops: episode resets and lengths (steps) on CUDA need the "
+              "fused kernels, which take float32 or float64 inputs (and a trace of their dtype, or bfloat16 for "
+              "float32); got ", io, " inputs with a ", trace, " trace");
+  return steps->data_ptr<uint8_t>();
 }
 
 void check_cuda(const at::Tensor& t) {
@@ -873,15 +947,22 @@ void check_cuda(const at::Tensor& t) {
 
 ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule_s,
-                           c10::string_view act_s, c10::optional<double> clip, int64_t K) {
+                           c10::string_view act_s, c10::optional<double> clip, int64_t K,
+                           const c10::optional<at::Tensor>& steps) {
   const Rule rule = parse_rule(to_string(rule_s));
   const Act act = parse_activation(to_string(act_s));
   const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
-  if (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type())) {
-    return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d);
+  const uint8_t* sp = steps_for_fused(steps, d, drive, drive.scalar_type(), h0.scalar_type());
+  if (sp != nullptr && is_16bit(drive.scalar_type())) {
+    auto out = fused_forward(recurrent, as_float(pre), as_float(drive), as_float(w), as_float(alpha), as_float(e), h0,
+                             rule, act, clip, d, sp);
+    return std::make_tuple(std::get<0>(out).to(drive.scalar_type()), std::get<1>(out), std::get<2>(out));
+  }
+  if (sp != nullptr || (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type(), false))) {
+    return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, sp);
   }
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
@@ -908,7 +989,7 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
                              const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
                              const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
                              c10::string_view rule_s, c10::string_view act_s, c10::optional<double> clip,
-                             int64_t K) {
+                             int64_t K, const c10::optional<at::Tensor>& steps) {
   const Rule rule = parse_rule(to_string(rule_s));
   const Act act = parse_activation(to_string(act_s));
   const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
@@ -916,8 +997,16 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const NoAutocast no_autocast;
-  if (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type())) {
-    return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d);
+  const uint8_t* sp = steps_for_fused(steps, d, grad_y, grad_y.scalar_type(), ckpts.scalar_type());
+  if (sp != nullptr && is_16bit(grad_y.scalar_type())) {
+    auto g = fused_backward(recurrent, as_float(grad_y), grad_hT, as_float(pre), as_float(w), as_float(alpha),
+                            as_float(e), as_float(y), ckpts, rule, act, clip, d, steps, sp);
+    return std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(grad_y.scalar_type()),
+                           std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
+                           std::get<4>(g).to(e.scalar_type()), std::get<5>(g));
+  }
+  if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
+    return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps, sp);
   }
   // Every gradient, dL/dH too, is accumulated in the inputs' accumulation type and returned in its
   // input's dtype (a no-op for float32 and float64 inputs with a trace of their dtype).

@@ -17,68 +17,68 @@ _FORWARDED = "the plastic layers now return a state object ({cls}); use state.tr
              "Tensor attributes on the state ({name}) are forwarded to state.trace for now; this will be removed."
 
 
-class _StateMethods:
-    """What both states share (mixed into NamedTuple classes)."""
+# The methods both states share, written once and assigned in each class body: a state must stay a plain
+# named tuple (tuple its first base), the form torch.compile's dynamo (torch 2.4 included) can build.
 
-    def detach(self):
-        """The same state without a graph: the episodes go on, the gradient stops here (truncated BPTT)."""
-        return self._map(lambda t: t.detach())
-
-    def batch(self, index):
-        """The episodes `index` selects, as nn.RNN users index h[:, index]: an int keeps the batch dimension."""
-        if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
-        return self._map(lambda t: t[index])
-
-    def reset(self, mask):
-        """Episodes where the (B,) bool `mask` is True start afresh: their fields become zeros, the rest is kept."""
-        mask = torch.as_tensor(mask)
-        if mask.dtype != torch.bool or mask.dim() != 1:
-            raise ValueError(f"mask must be a 1-D bool tensor (B,), got {mask.dtype} of shape {tuple(mask.shape)}")
-
-        def zero(t):
-            if mask.shape[0] != t.shape[0]:
-                raise ValueError(f"mask has {mask.shape[0]} episodes but the state has B = {t.shape[0]}")
-            gone = mask.to(t.device).reshape((-1,) + (1,) * (t.dim() - 1))
-            return torch.where(gone, torch.zeros((), dtype=t.dtype, device=t.device), t)  # NaN rows too
-        return self._map(zero)
-
-    def to(self, *args, **kwargs):
-        """Every field through Tensor.to (device, dtype); a trace in bfloat16 stays bfloat16 unless a dtype is
-        asked for explicitly."""
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def _map(self, fn):
-        return type(self)(*(None if t is None else fn(t) for t in self))
-
-    def __getattr__(self, name):
-        # Before the state object, the layers returned the trace itself: keep such code running, with a warning.
-        if not name.startswith("_") and hasattr(torch.Tensor, name):
-            warnings.warn(_FORWARDED.format(cls=type(self).__name__, name=name), FutureWarning, stacklevel=2)
-            return getattr(self.trace, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+def _detach(self):
+    """The same state without a graph: the episodes go on, the gradient stops here (truncated BPTT)."""
+    return self._map(lambda t: t.detach())
 
 
-class _RNNFields(NamedTuple):
-    y: torch.Tensor
-    trace: torch.Tensor
+def _batch(self, index):
+    """The episodes `index` selects, as nn.RNN users index h[:, index]: an int keeps the batch dimension."""
+    if isinstance(index, int):
+        index = slice(index, index + 1) if index != -1 else slice(-1, None)
+    return self._map(lambda t: t[index])
 
 
-class _LinearFields(NamedTuple):
-    trace: torch.Tensor
+def _reset(self, mask):
+    """Episodes where the (B,) bool `mask` is True start afresh: their fields become zeros, the rest is kept."""
+    mask = torch.as_tensor(mask)
+    if mask.dtype != torch.bool or mask.dim() != 1:
+        raise ValueError(f"mask must be a 1-D bool tensor (B,), got {mask.dtype} of shape {tuple(mask.shape)}")
+
+    def zero(t):
+        if mask.shape[0] != t.shape[0]:
+            raise ValueError(f"mask has {mask.shape[0]} episodes but the state has B = {t.shape[0]}")
+        gone = mask.to(t.device).reshape((-1,) + (1,) * (t.dim() - 1))
+        return torch.where(gone, torch.zeros((), dtype=t.dtype, device=t.device), t)  # NaN rows too
+    return self._map(zero)
 
 
-class PlasticRNNState(_RNNFields, _StateMethods):
+def _to(self, *args, **kwargs):
+    """Every field through Tensor.to (device, dtype)."""
+    return self._map(lambda t: t.to(*args, **kwargs))
+
+
+def _map_fields(self, fn):
+    return type(self)(*(None if t is None else fn(t) for t in self))
+
+
+def _forward_to_trace(self, name):
+    # Before the state object, the layers returned the trace itself: keep such code running, with a warning.
+    if not name.startswith("_") and hasattr(torch.Tensor, name):
+        warnings.warn(_FORWARDED.format(cls=type(self).__name__, name=name), FutureWarning, stacklevel=2)
+        return getattr(self.trace, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class PlasticRNNState(NamedTuple):
     """State of a PlasticRNN: y (B, N) the last output of each episode (its recurrent input at the next step),
     trace (B, N, N) its Hebbian trace."""
 
-    __slots__ = ()
+    y: torch.Tensor
+    trace: torch.Tensor
+
+    detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
 
 
-class PlasticLinearState(_LinearFields, _StateMethods):
+class PlasticLinearState(NamedTuple):
     """State of a PlasticLinear: trace (B, N_in, N_out), the Hebbian trace of each episode."""
 
-    __slots__ = ()
+    trace: torch.Tensor
+
+    detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
 
 
 def _as_state(cls, state, name: str = "state") -> Optional[tuple]:
