@@ -200,7 +200,10 @@ DRIVER = textwrap.dedent("""
         finally:
             if real is not None:
                 mod.episode_loss = real
-        print("RESULT", rank, module, "stopped" if result is None else "done", flush=True)
+        # one write() of under PIPE_BUF bytes: atomic on the shared pipe, so the other rank's output can come
+        # before or after the record but never inside it (print() writes its arguments one by one)
+        sys.stdout.flush()
+        os.write(1, f"RESULT {rank} {module} {'stopped' if result is None else 'done'}\\n".encode())
     gc.collect()  # the experiments' DDP modules before the group ends (Distributed.close says why)
     torch.distributed.destroy_process_group()
 """)
