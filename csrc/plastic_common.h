@@ -14,13 +14,14 @@
 
 namespace plastic_ops {
 
-enum class Rule { Hebb, Oja };
+enum class Rule { Hebb, Oja, Add };
 enum class Act { Tanh, Sigmoid, Relu, Identity, Softmax };
 
 inline Rule parse_rule(const std::string& s) {
   if (s == "hebb") return Rule::Hebb;
   if (s == "oja") return Rule::Oja;
-  TORCH_CHECK(false, "plastic_ops: unknown rule '", s, "' (expected 'hebb' or 'oja')");
+  if (s == "add") return Rule::Add;
+  TORCH_CHECK(false, "plastic_ops: unknown rule '", s, "' (expected 'hebb', 'oja' or 'add')");
 }
 
 inline Act parse_activation(const std::string& s) {
@@ -127,18 +128,29 @@ inline bool is_zero_grad_marker(const at::Tensor& grad_hT) { return grad_hT.dim(
 
 // The backward's arguments: the forward's canonical ones, with grad_y standing for the
 // drive (same shape) and grad_hT for h0, plus y and the checkpoints.
+// eligible: the traces hold two planes, H and E (docs/op_spec.md, "Neuromodulation"): grad_hT is
+// (2, B, N_in, N_out) and the checkpoints (C, 2, B, N_in, N_out).
 inline Dims check_backward(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
                            const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
-                           const at::Tensor& ckpts, c10::optional<double> clip, int64_t K, bool recurrent) {
+                           const at::Tensor& ckpts, c10::optional<double> clip, int64_t K, bool recurrent,
+                           bool eligible = false) {
+  const int64_t cdim = eligible ? 5 : 4;
   // checkpoint 0 has the trace's shape, dtype and device: it stands in for the zero marker's checks
-  const bool stand_in = is_zero_grad_marker(grad_hT) && ckpts.dim() == 4 && ckpts.size(0) > 0;
-  const at::Tensor& trace = stand_in ? ckpts.select(0, 0) : grad_hT;
+  const bool stand_in = is_zero_grad_marker(grad_hT) && ckpts.dim() == cdim && ckpts.size(0) > 0;
+  if (eligible && !stand_in) {
+    TORCH_CHECK(grad_hT.dim() == 4 && grad_hT.size(0) == 2,
+                "plastic_ops: with eligibility traces grad_hT must be (2, B, N_in, N_out)");
+  }
+  const at::Tensor& stacked = stand_in ? ckpts.select(0, 0) : grad_hT;
+  const at::Tensor trace = eligible ? stacked.select(0, 0) : stacked;
   const Dims d = check_canonical(pre, grad_y, w, alpha, e, trace, clip, K, recurrent);
   TORCH_CHECK(K >= 1, "plastic_ops: the backward needs the checkpoints of a forward run with checkpoint_every >= 1");
   TORCH_CHECK(y.sizes() == grad_y.sizes(), "plastic_ops: y must be (T, B, N_out)");
-  TORCH_CHECK(ckpts.dim() == 4 && ckpts.size(0) == d.C && ckpts.size(1) == d.B && ckpts.size(2) == d.n_in &&
-                  ckpts.size(3) == d.n_out,
-              "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
+  const int64_t o = eligible ? 1 : 0;
+  TORCH_CHECK(ckpts.dim() == cdim && ckpts.size(0) == d.C && (!eligible || ckpts.size(1) == 2) &&
+                  ckpts.size(1 + o) == d.B && ckpts.size(2 + o) == d.n_in && ckpts.size(3 + o) == d.n_out,
+              eligible ? "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), 2, B, N_in, N_out)"
+                       : "plastic_ops: checkpoints must be (ceil(T / checkpoint_every), B, N_in, N_out)");
   TORCH_CHECK(y.scalar_type() == grad_y.scalar_type(), "plastic_ops: all tensors but the trace must share a dtype");
   TORCH_CHECK(ckpts.scalar_type() == trace.scalar_type(),
               "plastic_ops: the checkpoints and grad_hT must have the trace's dtype");
@@ -149,36 +161,81 @@ inline Dims check_backward(const at::Tensor& grad_y, const at::Tensor& grad_hT, 
   return d;
 }
 
+// The options of docs/op_spec.md, "Neuromodulation": mod, None or (4, N_out); elig_rate, None or
+// 0-dim, with the traces in two planes. Returns {has mod, has eligibility}. h0_or_trace: h0 in the
+// forward ((2, B, N_in, N_out) with eligibility), nullptr in the backward (checked by check_backward).
+struct Neuro {
+  bool mod, eligible;
+};
+
+inline Neuro check_neuro(const c10::optional<at::Tensor>& mod, const c10::optional<at::Tensor>& elig_rate,
+                         Rule rule, int64_t n_out, const at::Tensor& like, const at::Tensor* h0) {
+  Neuro n{mod.has_value() && mod->defined(), elig_rate.has_value() && elig_rate->defined()};
+  for (const at::Tensor* t : {n.mod ? &*mod : nullptr, n.eligible ? &*elig_rate : nullptr}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->is_contiguous(), "plastic_ops: canonical arguments must be contiguous");
+    TORCH_CHECK(t->scalar_type() == like.scalar_type(), "plastic_ops: all tensors but the trace must share a dtype");
+    TORCH_CHECK(t->device() == like.device(), "plastic_ops: all tensors must share a device");
+    TORCH_CHECK(!t->_fw_grad(/*level=*/0).defined(),
+                "plastic_ops: forward-mode AD is not supported by torch.ops.plastic_ops.*; call "
+                "plastic_ops.plastic_linear / plastic_rnn, which run the reference for dual tensors");
+  }
+  if (n.mod) {
+    TORCH_CHECK(mod->dim() == 2 && mod->size(0) == 4 && mod->size(1) == n_out,
+                "plastic_ops: mod must be (4, N_out) = (4, ", n_out, "), got ", mod->sizes());
+  }
+  if (n.eligible) {
+    TORCH_CHECK(elig_rate->dim() == 0, "plastic_ops: elig_rate must be 0-dim, got ", elig_rate->sizes());
+    TORCH_CHECK(rule != Rule::Oja, "plastic_ops: Oja's rule has no eligibility-trace form (use 'hebb' or 'add')");
+  }
+  if (h0 != nullptr) {
+    TORCH_CHECK(h0->dim() == (n.eligible ? 4 : 3) && (!n.eligible || h0->size(0) == 2),
+                n.eligible ? "plastic_ops: with eligibility traces h0 must be (2, B, N_in, N_out): H_0 and E_0"
+                           : "plastic_ops: h0 must be (B, N_in, N_out)");
+  }
+  return n;
+}
+
+// The trace plane H of a (2, B, N_in, N_out) pair, or the trace itself (a contiguous view).
+inline at::Tensor trace_plane(const at::Tensor& h0, bool eligible) { return eligible ? h0.select(0, 0) : h0; }
+
 inline std::string to_string(c10::string_view s) { return std::string(s.data(), s.size()); }
 
 // Each backend implements the op once, for both forms; the schema has one op per form.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ForwardImpl = ForwardResult (*)(bool recurrent, const at::Tensor& pre, const at::Tensor& drive,
                                       const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                                       const at::Tensor& h0, c10::string_view rule, c10::string_view activation,
-                                      c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps);
+                                      c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps,
+                                      const c10::optional<at::Tensor>& mod,
+                                      const c10::optional<at::Tensor>& elig_rate);
 using BackwardImpl = BackwardResult (*)(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                                         const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
                                         const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
                                         c10::string_view rule, c10::string_view activation,
                                         c10::optional<double> clip, int64_t K,
-                                        const c10::optional<at::Tensor>& steps);
+                                        const c10::optional<at::Tensor>& steps,
+                                        const c10::optional<at::Tensor>& mod,
+                                        const c10::optional<at::Tensor>& elig_rate);
 
 template <ForwardImpl F, bool Recurrent>
 ForwardResult forward_form(const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
                            c10::string_view activation, c10::optional<double> clip, int64_t K,
-                           const c10::optional<at::Tensor>& steps) {
-  return F(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps);
+                           const c10::optional<at::Tensor>& steps, const c10::optional<at::Tensor>& mod,
+                           const c10::optional<at::Tensor>& elig_rate) {
+  return F(Recurrent, pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps, mod, elig_rate);
 }
 
 template <BackwardImpl F, bool Recurrent>
 BackwardResult backward_form(const at::Tensor& grad_y, const at::Tensor& grad_hT, const at::Tensor& pre,
                              const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& y,
                              const at::Tensor& ckpts, c10::string_view rule, c10::string_view activation,
-                             c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps) {
-  return F(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps);
+                             c10::optional<double> clip, int64_t K, const c10::optional<at::Tensor>& steps,
+                             const c10::optional<at::Tensor>& mod, const c10::optional<at::Tensor>& elig_rate) {
+  return F(Recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps, mod, elig_rate);
 }
 
 // Registers one backend's kernels for the four ops of csrc/plastic_op.cpp.

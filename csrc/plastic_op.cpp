@@ -17,17 +17,23 @@ TORCH_LIBRARY(plastic_ops, m) {
   // e (T,B,N_out); h0 (B,N_in,N_out). Returns y (T,B,N_out), H_T, and the checkpoints
   // (C,B,N_in,N_out) with C = ceil(T/K), none when checkpoint_every == 0.
   // steps: None or (T,B) uint8 flags, RESET = 1, SKIP = 2 (docs/op_spec.md, "Episode resets and lengths").
+  // mod: None or (4,N_out) self-modulation parameters; elig_rate: None or the 0-dim eligibility rate q,
+  // and then h0, H_T and each checkpoint hold two planes (2,B,N_in,N_out): H and the eligibility
+  // trace E (docs/op_spec.md, "Neuromodulation").
   m.def("plastic_linear_forward(Tensor x, Tensor drive, Tensor w, Tensor alpha, Tensor e, Tensor h0, "
-        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None) -> (Tensor, Tensor, Tensor)");
+        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None, Tensor? mod=None, "
+        "Tensor? elig_rate=None) -> (Tensor, Tensor, Tensor)");
   m.def("plastic_rnn_forward(Tensor y0, Tensor drive, Tensor w, Tensor alpha, Tensor e, Tensor h0, "
-        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None) -> (Tensor, Tensor, Tensor)");
-  // Returns the gradients of (x | y0, drive, w, alpha, e, h0).
+        "str rule, str activation, float? clip, int checkpoint_every, Tensor? steps=None, Tensor? mod=None, "
+        "Tensor? elig_rate=None) -> (Tensor, Tensor, Tensor)");
+  // Returns the gradients of (x | y0, drive, w, alpha, e, h0, mod, elig_rate); those of mod and elig_rate
+  // are empty (0,) tensors when they are None.
   m.def("plastic_linear_backward(Tensor grad_y, Tensor grad_hT, Tensor x, Tensor w, Tensor alpha, Tensor e, "
         "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every, "
-        "Tensor? steps=None) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? steps=None, Tensor? mod=None, Tensor? elig_rate=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("plastic_rnn_backward(Tensor grad_y, Tensor grad_hT, Tensor y0, Tensor w, Tensor alpha, Tensor e, "
         "Tensor y, Tensor checkpoints, str rule, str activation, float? clip, int checkpoint_every, "
-        "Tensor? steps=None) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? steps=None, Tensor? mod=None, Tensor? elig_rate=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-RULES = ("hebb", "oja")
+RULES = ("hebb", "oja", "add")
 ACTIVATIONS = ("tanh", "sigmoid", "relu", "identity", "softmax")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: The trace's storage dtypes allowed for each input dtype; the first is the default
@@ -45,6 +45,16 @@ class PlasticArgs:
     # (T, B) torch.uint8 flags of every step (RESET = 1, SKIP = 2), or None: docs/op_spec.md,
     # "Episode resets and lengths"
     steps: Optional[torch.Tensor] = None
+    # docs/op_spec.md, "Neuromodulation": the (4, N_out) self-modulation parameters or None; the 0-dim
+    # eligibility rate q or None; and, with q, E_0 (B, N_in, N_out) in the trace's dtype
+    mod: Optional[torch.Tensor] = None
+    elig_rate: Optional[torch.Tensor] = None
+    eligibility: Optional[torch.Tensor] = None
+
+    @property
+    def state(self) -> torch.Tensor:
+        """h0 of the compiled ops: the trace, or (2, B, N_in, N_out) H_0 and E_0 with eligibility."""
+        return self.trace if self.elig_rate is None else torch.stack([self.trace, self.eligibility])
 
     @property
     def T(self) -> int:
@@ -278,6 +288,68 @@ def _steps(p: PlasticArgs, reset, lengths, x_name: str) -> PlasticArgs:
     reset = check_reset(reset, p.T, p.B, x_name, p.x.device)
     lengths = check_lengths(lengths, p.T, p.B, x_name, p.x.device)
     p.steps = steps_of(reset, lengths, p.T, p.B, p.x.device)
+    return p
+
+
+def _same(name: str, t: torch.Tensor, p: PlasticArgs, x_name: str, dtype=None) -> None:
+    if t.device != p.x.device:
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {p.x.device}: all tensors must share a device")
+    dtype = p.x.dtype if dtype is None else dtype
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {p.x.dtype}: all tensors but the trace "
+                        "must share a dtype" if dtype == p.x.dtype else
+                        f"{name} has dtype {t.dtype} but the trace has {dtype}: they must agree")
+
+
+def check_neuromodulation(p: PlasticArgs, x_name: str, mod_weight=None, mod_bias=None, mod_fanout_weight=None,
+                          mod_fanout_bias=None, eligibility=None, eligibility_eta=None) -> PlasticArgs:
+    """Self-generated modulation and eligibility traces (docs/op_spec.md, "Neuromodulation").
+
+    Sets p.mod to the (4, N_out) canonical parameters (rows mod_weight, mod_fanout_weight, mod_fanout_bias,
+    and mod_bias at [3, 0]; built with differentiable ops), p.elig_rate and p.eligibility.
+    """
+    n = p.n_out
+    given = {"mod_weight": mod_weight, "mod_bias": mod_bias, "mod_fanout_weight": mod_fanout_weight,
+             "mod_fanout_bias": mod_fanout_bias}
+    if any(v is not None for v in given.values()):
+        if mod_weight is None or mod_fanout_weight is None:
+            missing = "mod_weight" if mod_weight is None else "mod_fanout_weight"
+            raise ValueError(f"self-generated modulation needs both mod_weight and mod_fanout_weight; {missing} "
+                             "is None (mod_bias and mod_fanout_bias default to 0)")
+        shapes = {"mod_weight": (n,), "mod_bias": (), "mod_fanout_weight": (n,), "mod_fanout_bias": (n,)}
+        for name, v in given.items():
+            if v is None:
+                continue
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and name == "mod_bias":
+                v = given[name] = torch.tensor(to_float(name, v), dtype=p.x.dtype, device=p.x.device)
+            _tensor(name, v)
+            _shape(name, v, shapes[name], "(N_out,)" if shapes[name] else "()")
+            _same(name, v, p, x_name)
+        zero = p.x.new_zeros(())
+        bias = given["mod_bias"] if given["mod_bias"] is not None else zero
+        fanout_bias = given["mod_fanout_bias"] if given["mod_fanout_bias"] is not None else zero.expand(n)
+        p.mod = torch.stack([mod_weight, mod_fanout_weight, fanout_bias, bias.expand(n)]).contiguous()
+    if eligibility_eta is None:
+        if eligibility is not None:
+            raise ValueError("eligibility (the initial eligibility trace) is given but eligibility_eta is None: "
+                             "eligibility traces are on when eligibility_eta is given")
+        return p
+    if p.rule == "oja":
+        raise ValueError("rule='oja' has no eligibility-trace form: use rule='hebb' or 'add' with eligibility_eta")
+    if isinstance(eligibility_eta, numbers.Real) and not isinstance(eligibility_eta, bool):
+        eligibility_eta = torch.tensor(to_float("eligibility_eta", eligibility_eta), dtype=p.x.dtype,
+                                       device=p.x.device)
+    _tensor("eligibility_eta", eligibility_eta)
+    if eligibility_eta.dim() != 0:
+        raise ValueError(f"eligibility_eta must be a 0-dim (scalar) tensor, got shape {tuple(eligibility_eta.shape)}")
+    _same("eligibility_eta", eligibility_eta, p, x_name)
+    if eligibility is None:
+        eligibility = torch.zeros_like(p.trace)
+    else:
+        _tensor("eligibility", eligibility)
+        _shape("eligibility", eligibility, tuple(p.trace.shape), "(B, N_in, N_out)")
+        _same("eligibility", eligibility, p, x_name, dtype=p.trace.dtype)
+    p.elig_rate, p.eligibility = eligibility_eta, eligibility
     return p
 
 

@@ -21,7 +21,8 @@ import torch
 from torch.autograd import forward_ad
 
 from . import _autocast, _extension, reference
-from ._validation import PlasticArgs, check_drive, check_linear, check_return_traces, check_rnn
+from ._validation import (PlasticArgs, check_drive, check_linear, check_neuromodulation, check_return_traces,
+                          check_rnn)
 
 _OPS_LOADED = _extension.load()
 
@@ -241,7 +242,8 @@ def _canonical(p: PlasticArgs, recurrent: bool, needs_grad: bool, drive=None, ev
     if p.checkpoint_every is not None:
         K = min(p.checkpoint_every, p.T)
     else:
-        K = choose_checkpoint_every(p.T, p.B * p.n_in * p.n_out * p.trace.element_size(), device=p.x.device,
+        planes = 1 if p.elig_rate is None else 2  # H, and E with eligibility traces
+        K = choose_checkpoint_every(p.T, planes * p.B * p.n_in * p.n_out * p.trace.element_size(), device=p.x.device,
                                     batch=p.B, trace_dtype=p.trace.dtype)
     return alpha, e, drive, (K if needs_grad else 0)
 
@@ -277,7 +279,8 @@ def _op(name: str):
 
 def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
                    modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None, drive=None,
-                   return_traces=False):
+                   return_traces=False, mod_weight=None, mod_bias=None, mod_fanout_weight=None, mod_fanout_bias=None,
+                   eligibility=None, eligibility_eta=None):
     """Run T plastic steps of a feedforward layer for B independent episodes.
 
     a_t = x_t @ (w + alpha * H_t) + bias + drive_t,  y_t = act(a_t),  H_{t+1} = rule(H_t, x_t, y_t, eta * modulation_t).
@@ -289,7 +292,7 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
         eta: 0-dim tensor (or Python number), the plasticity rate.
         trace: (B, N_in, N_out) initial Hebbian trace; zeros when None.
         bias: (N_out,) or None.
-        rule: "hebb" or "oja".
+        rule: "hebb", "oja" or "add" (H_{t+1} = H_t + r_t * inc_t, no decay: Backpropamine's rule).
         activation: "tanh", "sigmoid", "relu", "identity" or "softmax" (over N_out).
         clip: None or a positive number: the trace is clamped to [-clip, clip] after each update.
         modulation: None, (T, B, 1) or (T, B, N_out): multiplies eta at each step.
@@ -311,6 +314,14 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
         return_traces: also return `traces` (T, B, N_in, N_out), traces[t] the trace after step t (T times
             the memory of one trace; detached: no gradient flows through it). The fused op then keeps
             every trace (checkpoint_every is ignored).
+        mod_weight, mod_bias, mod_fanout_weight, mod_fanout_bias: self-generated modulation (Backpropamine):
+            (N_out,), (), (N_out,), (N_out,); the first and third together, the biases default to 0. Each step
+            then multiplies its rates by M_t = mod_fanout_weight * tanh(y_t . mod_weight + mod_bias) +
+            mod_fanout_bias, computed from that step's output inside the op.
+        eligibility_eta: None, or the 0-dim rate q of an eligibility trace E (rules "hebb" and "add"): the
+            update writes E_t into the trace instead of x_t y_t^T, and E_{t+1} = (1 - q) E_t + q x_t y_t^T.
+        eligibility: E_0, (B, N_in, N_out) in the trace's dtype; zeros when None (needs eligibility_eta).
+            docs/op_spec.md, "Neuromodulation".
 
     Dtypes: x, w, alpha, eta, bias, modulation and drive share one dtype, float64, float32, bfloat16 or float16;
     16-bit inputs are computed in float32 and y is returned in their dtype. Under torch.autocast the
@@ -318,47 +329,59 @@ def plastic_linear(x, w, alpha, eta, trace=None, bias=None, *, rule="hebb", acti
 
     Returns:
         (y, trace_T): y is (T, B, N_out) in the inputs' dtype; trace_T is (B, N_in, N_out) in the trace's
-        dtype, to continue the episode later. (y, trace_T, traces) with return_traces=True.
+        dtype, to continue the episode later. (y, trace_T, eligibility_T) with eligibility_eta; `traces`
+        last with return_traces=True.
     """
+    neuro = dict(mod_weight=mod_weight, mod_bias=mod_bias, mod_fanout_weight=mod_fanout_weight,
+                 mod_fanout_bias=mod_fanout_bias, eligibility=eligibility, eligibility_eta=eligibility_eta)
     dtype = _autocast.region_dtype(x)
     if dtype is not None:
         x, w, alpha, eta, bias, modulation, drive = _autocast.cast(dtype, x, w, alpha, eta, bias, modulation, drive)
         with _autocast.disabled(x):
             return plastic_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
                                   modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
-                                  reset=reset, lengths=lengths, drive=drive, return_traces=return_traces)
+                                  reset=reset, lengths=lengths, drive=drive, return_traces=return_traces,
+                                  **reference.cast_neuro(dtype, neuro))
     p = check_linear(x, w, alpha, eta, trace, bias, rule=rule, activation=activation, clip=clip,
                      modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
                      reset=reset, lengths=lengths)
+    p = check_neuromodulation(p, "x", **neuro)
     drive = check_drive(drive, p)
     return_traces = check_return_traces(return_traces)
-    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive):
+    inputs = (p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive, p.mod, p.elig_rate, p.eligibility)
+    if _needs_reference(*inputs):
         return reference._scan(p, recurrent=False, drive=drive, return_traces=return_traces)
-    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, drive)
+    needs_grad = _any_requires_grad(*inputs)
     alpha_c, e, d, K = _canonical(p, False, needs_grad, drive, every_trace=return_traces)
     out = _op("plastic_linear_forward")(p.x.contiguous(), d, p.w.contiguous(), alpha_c, e,
-                                       p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
-    return _outputs(out, return_traces)
+                                       p.state.contiguous(), p.rule, p.activation, p.clip, K, *_extra(p))
+    return _outputs(out, return_traces, p)
 
 
-def _flags(steps):
-    """The trailing steps argument of the compiled ops: left out when None (the schema's default), so a
-    call without resets and lengths is the call the ops had before them."""
-    return () if steps is None else (steps,)
+def _extra(p: PlasticArgs):
+    """The trailing optional arguments of the compiled ops (steps, mod, elig_rate): those that are None at
+    the end are left out (the schema's defaults), so a call without resets, lengths or neuromodulation is
+    the call the ops had before them."""
+    return _trailing(p.steps, p.mod, p.elig_rate)
 
 
-def _outputs(out, return_traces: bool):
-    """(y, trace_T), and with return_traces the carried traces: the K = 1 checkpoints H_0 .. H_{T-1} are
-    H_1 .. H_{T-1} after their first, then H_T (docs/op_spec.md, "Episode resets and lengths")."""
+def _outputs(out, return_traces: bool, p: PlasticArgs):
+    """(y, trace_T[, eligibility_T]), and with return_traces the carried traces: the K = 1 checkpoints
+    H_0 .. H_{T-1} are H_1 .. H_{T-1} after their first, then H_T (docs/op_spec.md, "Episode resets and
+    lengths"); with eligibility traces, their H planes."""
     y, hT, ckpts = out
-    if not return_traces:
-        return y, hT
-    return y, hT, torch.cat([ckpts[1:].detach(), hT.detach().unsqueeze(0)])
+    traces = None
+    if return_traces:
+        planes = ckpts if p.elig_rate is None else ckpts[:, 0]
+        last = hT if p.elig_rate is None else hT[0]
+        traces = torch.cat([planes[1:].detach(), last.detach().unsqueeze(0)])
+    return reference.unpack(y, hT, traces, p)
 
 
 def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb", activation="tanh", clip=None,
                 modulation=None, checkpoint_every=None, trace_dtype=None, reset=None, lengths=None,
-                return_traces=False):
+                return_traces=False, mod_weight=None, mod_bias=None, mod_fanout_weight=None, mod_fanout_bias=None,
+                eligibility=None, eligibility_eta=None):
     """Run T steps of a plastic recurrent layer of N units for B independent episodes.
 
     a_t = y_{t-1} @ (w + alpha * H_t) + u_t + bias,  y_t = act(a_t),
@@ -368,26 +391,32 @@ def plastic_rnn(u, w, alpha, eta, trace=None, y0=None, bias=None, *, rule="hebb"
     and y0: (B, N) the output before the first step. Returns (y, trace_T); pass y[-1] as y0
     and trace_T as trace to continue an episode. Dtypes and autocast: as for :func:`plastic_linear`
     (y0 has the inputs' dtype). reset, lengths and return_traces: as for :func:`plastic_linear`; a reset
-    also sets the row's recurrent input y_{t-1} to zeros.
+    also sets the row's recurrent input y_{t-1} to zeros. Neuromodulation (mod_*, eligibility,
+    eligibility_eta): as for :func:`plastic_linear`, with p_t = y_{t-1} the presynaptic vector.
     """
+    neuro = dict(mod_weight=mod_weight, mod_bias=mod_bias, mod_fanout_weight=mod_fanout_weight,
+                 mod_fanout_bias=mod_fanout_bias, eligibility=eligibility, eligibility_eta=eligibility_eta)
     dtype = _autocast.region_dtype(u)
     if dtype is not None:
         u, w, alpha, eta, y0, bias, modulation = _autocast.cast(dtype, u, w, alpha, eta, y0, bias, modulation)
         with _autocast.disabled(u):
             return plastic_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
                                modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
-                               reset=reset, lengths=lengths, return_traces=return_traces)
+                               reset=reset, lengths=lengths, return_traces=return_traces,
+                               **reference.cast_neuro(dtype, neuro))
     p = check_rnn(u, w, alpha, eta, trace, y0, bias, rule=rule, activation=activation, clip=clip,
                   modulation=modulation, checkpoint_every=checkpoint_every, trace_dtype=trace_dtype,
                   reset=reset, lengths=lengths)
+    p = check_neuromodulation(p, "u", **neuro)
     return_traces = check_return_traces(return_traces)
-    if _needs_reference(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0):
+    inputs = (p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0, p.mod, p.elig_rate, p.eligibility)
+    if _needs_reference(*inputs):
         return reference._scan(p, recurrent=True, return_traces=return_traces)
-    needs_grad = _any_requires_grad(p.x, p.w, p.alpha, p.eta, p.trace, p.bias, p.modulation, p.y0)
+    needs_grad = _any_requires_grad(*inputs)
     alpha_c, e, drive, K = _canonical(p, True, needs_grad, every_trace=return_traces)
     out = _op("plastic_rnn_forward")(p.y0.contiguous(), drive, p.w.contiguous(), alpha_c, e,
-                                    p.trace.contiguous(), p.rule, p.activation, p.clip, K, *_flags(p.steps))
-    return _outputs(out, return_traces)
+                                    p.state.contiguous(), p.rule, p.activation, p.clip, K, *_extra(p))
+    return _outputs(out, return_traces, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,12 +429,13 @@ def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_h
     differentiates it with create_graph=True: exact second derivatives, at the reference's
     time and memory (every trace is kept).
     """
-    rule, activation, clip, _, steps = meta
+    rule, activation, clip, _, steps, mod, elig_rate = meta
     wanted = [i for i, needed in enumerate(needs_input_grad) if needed]
     grads = [None] * num_inputs
     if not wanted:
         return tuple(grads)
-    y, hT = reference.scan(*inputs, rule, activation, clip, recurrent, steps)
+    y, hT = reference.scan(*inputs[:6], rule, activation, clip, recurrent, steps, mod=inputs[6],
+                           elig_rate=inputs[7])
     found = torch.autograd.grad((y, hT), [inputs[i] for i in wanted], (grad_y, grad_hT), create_graph=True,
                                 allow_unused=True)
     for i, g in zip(wanted, found):
@@ -414,17 +444,19 @@ def _differentiable_backward(recurrent, inputs, needs_input_grad, grad_y, grad_h
 
 
 def _register():
-    def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps=None):
+    def fake_forward(pre, drive, w, alpha, e, h0, rule, activation, clip, K, steps=None, mod=None, elig_rate=None):
         T, B, n_out = drive.shape
         C = num_checkpoints(T, K)
         return (drive.new_empty(T, B, n_out), h0.new_empty(h0.shape),
                 h0.new_empty((C,) + tuple(h0.shape)))
 
-    def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps=None):
-        # grad_hT may be the empty stand-in for zeros: the trace's shape comes from y and w, its dtype
-        # from the checkpoints
+    def fake_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, activation, clip, K, steps=None, mod=None,
+                      elig_rate=None):
+        # grad_hT may be the empty stand-in for zeros: the trace's shape and dtype come from the checkpoints
         return (pre.new_empty(pre.shape), y.new_empty(y.shape), w.new_empty(w.shape),
-                alpha.new_empty(alpha.shape), e.new_empty(e.shape), ckpts.new_empty((y.shape[1],) + tuple(w.shape)))
+                alpha.new_empty(alpha.shape), e.new_empty(e.shape), ckpts.new_empty(ckpts.shape[1:]),
+                y.new_empty(0) if mod is None else mod.new_empty(mod.shape),
+                y.new_empty(0) if elig_rate is None else elig_rate.new_empty(()))
 
     for form in ("plastic_linear", "plastic_rnn"):
         torch.library.register_fake(f"plastic_ops::{form}_forward")(fake_forward)
@@ -432,7 +464,8 @@ def _register():
 
         def setup_context(ctx, inputs, output, form=form):
             pre, drive, w, alpha, e, h0, rule, activation, clip, K = inputs[:10]
-            steps = inputs[10] if len(inputs) > 10 else None  # whether the default is filled in depends on torch
+            # whether the defaults are filled in depends on torch
+            steps, mod, elig_rate = (tuple(inputs[10:13]) + (None, None, None))[:3]
             ctx.num_inputs = len(inputs)
             y, hT, ckpts = output
             ctx.no_checkpoints = K == 0  # the forward saved nothing for a backward
@@ -440,14 +473,15 @@ def _register():
             # (never differentiated) or of the final trace are built for the backward
             ctx.set_materialize_grads(False)
             # drive and h0 only serve a double backward; h0 equals ckpts[0] unless it has a graph
-            ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None, steps)
+            ctx.save_for_backward(pre, w, alpha, e, y, ckpts, drive, h0 if h0.requires_grad else None, steps, mod,
+                                  elig_rate)
             ctx.meta = (rule, activation, clip, K)
 
         def backward(ctx, grad_y, grad_hT, grad_ckpts, form=form):
             if ctx.no_checkpoints:
                 raise RuntimeError("plastic_ops: the forward ran without checkpoints (checkpoint_every=0), "
                                    "so it cannot be differentiated; call the public function instead")
-            pre, w, alpha, e, y, ckpts, drive, h0, steps = ctx.saved_tensors
+            pre, w, alpha, e, y, ckpts, drive, h0, steps, mod, elig_rate = ctx.saved_tensors
             rule, activation, clip, K = ctx.meta
             if grad_y is None:
                 grad_y = torch.zeros_like(y)
@@ -455,18 +489,40 @@ def _register():
                 if grad_hT is None:
                     grad_hT = ckpts.new_zeros(ckpts.shape[1:])
                 h0 = ckpts[0] if h0 is None else h0
-                return _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0),
-                                                ctx.needs_input_grad[:6], grad_y, grad_hT, ctx.meta + (steps,),
-                                                ctx.num_inputs)
+                grads = _differentiable_backward(form == "plastic_rnn", (pre, drive, w, alpha, e, h0, mod, elig_rate),
+                                                 ctx.needs_input_grad[:6] + _needs(ctx, 11, 12), grad_y, grad_hT,
+                                                 ctx.meta + (steps, mod, elig_rate), 8)
+                return _input_grads(grads, ctx.num_inputs)
             if grad_hT is None:  # an empty tensor stands for dL/dH_T = 0: no trace of zeros is built here
                 grad_hT = ckpts.new_empty(0)
             grads = getattr(torch.ops.plastic_ops, f"{form}_backward")(
                 grad_y.contiguous(), grad_hT.contiguous(), pre, w, alpha, e, y, ckpts, rule, activation, clip, K,
-                *_flags(steps))
-            g_pre, g_drive, g_w, g_alpha, g_e, g_h0 = grads
-            return (g_pre, g_drive, g_w, g_alpha, g_e, g_h0) + (None,) * (ctx.num_inputs - 6)
+                *_trailing(steps, mod, elig_rate))
+            grads = list(grads)
+            grads[6] = grads[6] if mod is not None else None
+            grads[7] = grads[7] if elig_rate is not None else None
+            return _input_grads(grads, ctx.num_inputs)
 
         _register_autograd(f"plastic_ops::{form}_forward", backward, setup_context)
+
+
+def _needs(ctx, *indices):
+    return tuple(i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i] for i in indices)
+
+
+def _input_grads(grads, num_inputs):
+    """The gradients of (pre, drive, w, alpha, e, h0, mod, elig_rate) placed at the forward's input indices:
+    h0 is input 5, then rule, activation, clip, K and steps get none, mod is input 11, elig_rate 12."""
+    out = tuple(grads[:6]) + (None,) * 5 + (grads[6], grads[7])
+    return out[:num_inputs]
+
+
+def _trailing(*args):
+    """Optional trailing arguments with the Nones at the end left out (the schema's defaults)."""
+    args = list(args)
+    while args and args[-1] is None:
+        args.pop()
+    return tuple(args)
 
 
 _FORWARD_AD_REFUSED = ("plastic_ops: forward-mode AD is not supported by torch.ops.plastic_ops.*; call "

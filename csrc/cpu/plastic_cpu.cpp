@@ -796,10 +796,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ForwardResult forward_cpu(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                           const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule,
                           c10::string_view activation, c10::optional<double> clip, int64_t K,
-                          const c10::optional<at::Tensor>& steps) {
-  const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
-  const at::Tensor* flags = check_steps(steps, d, drive.device()) ? &*steps : nullptr;
+                          const c10::optional<at::Tensor>& steps, const c10::optional<at::Tensor>& mod,
+                          const c10::optional<at::Tensor>& elig_rate) {
   const Rule r = parse_rule(to_string(rule));
+  const Neuro neuro = check_neuro(mod, elig_rate, r, w.dim() == 2 ? w.size(1) : 0, drive, &h0);
+  const Dims d = check_canonical(pre, drive, w, alpha, e, trace_plane(h0, neuro.eligible), clip, K, recurrent);
+  const at::Tensor* flags = check_steps(steps, d, drive.device()) ? &*steps : nullptr;
+  TORCH_CHECK(!neuro.mod && !neuro.eligible && r != Rule::Add,
+              "plastic_ops: neuromodulation is not implemented by the CPU kernel yet");
   const Act a = parse_activation(to_string(activation));
   ForwardResult out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, drive.scalar_type(), "plastic_forward_cpu", [&] {
@@ -814,21 +818,27 @@ BackwardResult backward_cpu(bool recurrent, const at::Tensor& grad_y, const at::
                             const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                             const at::Tensor& y, const at::Tensor& ckpts, c10::string_view rule,
                             c10::string_view activation, c10::optional<double> clip, int64_t K,
-                            const c10::optional<at::Tensor>& steps) {
-  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+                            const c10::optional<at::Tensor>& steps, const c10::optional<at::Tensor>& mod,
+                            const c10::optional<at::Tensor>& elig_rate) {
+  const Rule rr = parse_rule(to_string(rule));
+  const Neuro neuro = check_neuro(mod, elig_rate, rr, w.dim() == 2 ? w.size(1) : 0, grad_y, nullptr);
+  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent, neuro.eligible);
+  TORCH_CHECK(!neuro.mod && !neuro.eligible && rr != Rule::Add,
+              "plastic_ops: neuromodulation is not implemented by the CPU kernel yet");
   const at::Tensor* flags = check_steps(steps, d, y.device()) ? &*steps : nullptr;
   const NoAutocast no_autocast;
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
   const Rule r = parse_rule(to_string(rule));
   const Act a = parse_activation(to_string(activation));
-  BackwardResult out;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "plastic_backward_cpu", [&] {
     dispatch_trace<scalar_t>(ckpts.scalar_type(), [&](auto trace_tag) {
       out = backward_impl<scalar_t, decltype(trace_tag)>(grad_y, grad_hT, has_grad_hT, pre, w, alpha, e, y, ckpts,
                                                          r, a, clip, d, recurrent, flags);
     });
   });
-  return out;
+  // two distinct empty tensors: outputs of an op must not alias
+  return std::tuple_cat(out, std::make_tuple(at::empty({0}, grad_y.options()), at::empty({0}, grad_y.options())));
 }
 
 }  // namespace

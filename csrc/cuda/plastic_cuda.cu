@@ -858,7 +858,10 @@ ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Ten
   return std::make_tuple(y, hT, ckpts);
 }
 
-BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+// The gradients of (pre, drive, w, alpha, e, h0); backward_cuda adds those of mod and elig_rate.
+using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads6 fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                               const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                               const at::Tensor& y, const at::Tensor& ckpts, Rule rule, Act act,
                               c10::optional<double> clip, const Dims& d, const c10::optional<at::Tensor>& steps,
@@ -948,10 +951,14 @@ void check_cuda(const at::Tensor& t) {
 ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                            const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, c10::string_view rule_s,
                            c10::string_view act_s, c10::optional<double> clip, int64_t K,
-                           const c10::optional<at::Tensor>& steps) {
+                           const c10::optional<at::Tensor>& steps, const c10::optional<at::Tensor>& mod,
+                           const c10::optional<at::Tensor>& elig_rate) {
   const Rule rule = parse_rule(to_string(rule_s));
   const Act act = parse_activation(to_string(act_s));
-  const Dims d = check_canonical(pre, drive, w, alpha, e, h0, clip, K, recurrent);
+  const Neuro neuro = check_neuro(mod, elig_rate, rule, w.dim() == 2 ? w.size(1) : 0, drive, &h0);
+  const Dims d = check_canonical(pre, drive, w, alpha, e, trace_plane(h0, neuro.eligible), clip, K, recurrent);
+  TORCH_CHECK(!neuro.mod && !neuro.eligible && rule != Rule::Add,
+              "plastic_ops: neuromodulation is not implemented by the CUDA kernels yet");
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
@@ -989,24 +996,35 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
                              const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
                              const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
                              c10::string_view rule_s, c10::string_view act_s, c10::optional<double> clip,
-                             int64_t K, const c10::optional<at::Tensor>& steps) {
+                             int64_t K, const c10::optional<at::Tensor>& steps,
+                             const c10::optional<at::Tensor>& mod, const c10::optional<at::Tensor>& elig_rate) {
   const Rule rule = parse_rule(to_string(rule_s));
   const Act act = parse_activation(to_string(act_s));
-  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent);
+  const Neuro neuro = check_neuro(mod, elig_rate, rule, w.dim() == 2 ? w.size(1) : 0, grad_y, nullptr);
+  const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent, neuro.eligible);
+  TORCH_CHECK(!neuro.mod && !neuro.eligible && rule != Rule::Add,
+              "plastic_ops: neuromodulation is not implemented by the CUDA kernels yet");
   check_cuda(grad_y);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const NoAutocast no_autocast;
+  // the gradients of mod and elig_rate: empty when they are None
+  auto with_none = [&](Grads6 g) {
+    // two distinct empty tensors: outputs of an op must not alias
+    return std::tuple_cat(std::move(g), std::make_tuple(at::empty({0}, grad_y.options()),
+                                                        at::empty({0}, grad_y.options())));
+  };
   const uint8_t* sp = steps_for_fused(steps, d, grad_y, grad_y.scalar_type(), ckpts.scalar_type());
   if (sp != nullptr && is_16bit(grad_y.scalar_type())) {
     auto g = fused_backward(recurrent, as_float(grad_y), grad_hT, as_float(pre), as_float(w), as_float(alpha),
                             as_float(e), as_float(y), ckpts, rule, act, clip, d, steps, sp);
-    return std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(grad_y.scalar_type()),
-                           std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
-                           std::get<4>(g).to(e.scalar_type()), std::get<5>(g));
+    return with_none(std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(grad_y.scalar_type()),
+                                     std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
+                                     std::get<4>(g).to(e.scalar_type()), std::get<5>(g)));
   }
   if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
-    return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps, sp);
+    return with_none(fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps,
+                                    sp));
   }
   // Every gradient, dL/dH too, is accumulated in the inputs' accumulation type and returned in its
   // input's dtype (a no-op for float32 and float64 inputs with a trace of their dtype).
@@ -1014,8 +1032,9 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   const auto opts = grad_y.options().dtype(acc);
   auto out = [&](const at::Tensor& g_pre, const at::Tensor& g_drive, const at::Tensor& g_w, const at::Tensor& g_alpha,
                  const at::Tensor& g_e, const at::Tensor& G) {
-    return std::make_tuple(g_pre.to(pre.scalar_type()), g_drive.to(grad_y.scalar_type()), g_w.to(w.scalar_type()),
-                           g_alpha.to(alpha.scalar_type()), g_e.to(e.scalar_type()), G.to(ckpts.scalar_type()));
+    return with_none(std::make_tuple(g_pre.to(pre.scalar_type()), g_drive.to(grad_y.scalar_type()),
+                                     g_w.to(w.scalar_type()), g_alpha.to(alpha.scalar_type()), g_e.to(e.scalar_type()),
+                                     G.to(ckpts.scalar_type())));
   };
 
   // dL/dH_T, walked back to dL/dH_0 (zeros for the zero marker: the CUDA sweeps always read G)
