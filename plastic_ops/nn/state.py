@@ -65,18 +65,22 @@ def _forward_to_trace(self, name):
 
 class PlasticRNNState(NamedTuple):
     """State of a PlasticRNN: y (B, N) the last output of each episode (its recurrent input at the next step),
-    trace (B, N, N) its Hebbian trace."""
+    trace (B, N, N) its Hebbian trace, eligibility (B, N, N) its eligibility trace (neuromodulation=
+    "retroactive"; None otherwise)."""
 
     y: torch.Tensor
     trace: torch.Tensor
+    eligibility: Optional[torch.Tensor] = None
 
     detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
 
 
 class PlasticLinearState(NamedTuple):
-    """State of a PlasticLinear: trace (B, N_in, N_out), the Hebbian trace of each episode."""
+    """State of a PlasticLinear: trace (B, N_in, N_out), the Hebbian trace of each episode; eligibility
+    (B, N_in, N_out), its eligibility trace (neuromodulation="retroactive"; None otherwise)."""
 
     trace: torch.Tensor
+    eligibility: Optional[torch.Tensor] = None
 
     detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
 
@@ -87,7 +91,8 @@ def _as_state(cls, state, name: str = "state") -> Optional[tuple]:
         return state
     if isinstance(state, torch.Tensor):
         return None  # handled by the caller as a bare trace
-    if isinstance(state, tuple) and len(state) == len(cls._fields):
+    # a plain tuple of the fields; the last one (eligibility) may be left out
+    if isinstance(state, tuple) and len(cls._fields) - 1 <= len(state) <= len(cls._fields):
         return cls(*state)
     raise TypeError(f"{name} must be None, a {cls.__name__} (as the layer returned it) or a trace tensor, "
                     f"got {type(state).__name__}")
