@@ -6,7 +6,7 @@ import torch
 
 import plastic_ops
 from plastic_ops import reference
-from plastic_ops.nn import PlasticLinear, PlasticRNN, PlasticRNNState
+from plastic_ops.nn import PlasticLinear, PlasticRNN, PlasticRNNState, RetroactivePlasticRNNState
 
 from _inputs import ALPHA_SHAPES, make_inputs
 from conftest import DEVICES
@@ -429,9 +429,20 @@ def test_layer_arguments():
     with pytest.raises(ValueError, match="eligibility_eta"):
         PlasticLinear(3, 4, neuromodulation="retroactive", eligibility_eta=1.5)
     rnn = PlasticRNN(4, rule="add", neuromodulation="simple")
-    state = PlasticRNNState(torch.zeros(2, 4), torch.zeros(2, 4, 4), torch.zeros(2, 4, 4))
+    state = RetroactivePlasticRNNState(torch.zeros(2, 4), torch.zeros(2, 4, 4), torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="eligibility"):
         rnn(torch.randn(3, 2, 4), state)
+
+
+def test_states_keep_unpacking_as_before():
+    """Layers without an eligibility trace return the states they always did (y, trace = state)."""
+    y, trace = PlasticRNN(3, neuromodulation="simple", rule="add", impl="reference")(torch.randn(2, 1, 3))[1]
+    assert y.shape == (1, 3) and trace.shape == (1, 3, 3)
+    state = PlasticRNN(3, impl="reference")(torch.randn(2, 1, 3))[1]
+    assert state.eligibility is None and type(state) is PlasticRNNState
+    retro = PlasticRNN(3, neuromodulation="retroactive", rule="add", impl="reference")
+    out, state2 = retro(torch.randn(2, 1, 3), state)  # a plain state: the eligibility starts from zeros
+    assert type(state2) is RetroactivePlasticRNNState and state2.eligibility.shape == (1, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------------

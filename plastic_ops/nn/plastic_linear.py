@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ._plastic_base import _PlasticBase
-from .state import PlasticLinearState, _as_state
+from .state import PlasticLinearState, RetroactivePlasticLinearState, _as_state
 
 
 class PlasticLinear(_PlasticBase):
@@ -38,8 +38,8 @@ class PlasticLinear(_PlasticBase):
         -> (output, state) [, traces]
         input: (T, B, N_in) ((B, T, N_in) with batch_first), or a PackedSequence (then output is one too).
         state: None (a zero trace: a new episode for every row) or the PlasticLinearState a previous call
-            returned (fields trace, (B, N_in, N_out), and eligibility, or None); a bare trace tensor is accepted
-            too.
+            returned (field trace, (B, N_in, N_out); with neuromodulation="retroactive" a
+            RetroactivePlasticLinearState, which adds eligibility); a bare trace tensor is accepted too.
         drive: (T, B, N_out) added to the pre-activation at each step (e.g. a label written into the output
             during the shots of a few-shot episode; docs/recipes.md).
         reset, lengths, modulation, return_traces: as PlasticRNN (a reset zeroes the trace only: the input of
@@ -60,13 +60,15 @@ class PlasticLinear(_PlasticBase):
     def forward(self, input, state=None, modulation=None, *, drive=None, reset=None, lengths=None,
                 return_traces: bool = False):
         x, lengths, packed = self._unpack(input, lengths)
+        retroactive = self.neuromodulation == "retroactive"
         trace, eligibility = state, None
         if not (state is None or isinstance(state, torch.Tensor)):
-            trace, eligibility = _as_state(PlasticLinearState, state)
+            state = _as_state(RetroactivePlasticLinearState if retroactive else PlasticLinearState, state)
+            trace, eligibility = state.trace, state.eligibility
         kw = self._kwargs(modulation, reset, lengths, return_traces, eligibility)
         if drive is not None:
             kw["drive"] = self._time_major(drive)
         out = self._backend().plastic_linear(self._time_major(x), self.weight, self.alpha, self.plasticity_rate(),
                                              trace, self.bias, **kw)
-        state = PlasticLinearState(out[1], out[2] if self.neuromodulation == "retroactive" else None)
+        state = RetroactivePlasticLinearState(out[1], out[2]) if retroactive else PlasticLinearState(out[1])
         return self._outputs(out[0], state, out[-1] if return_traces else None, packed, lengths, return_traces)

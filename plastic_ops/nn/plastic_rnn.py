@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._plastic_base import _PlasticBase
-from .state import PlasticRNNState, _as_state
+from .state import PlasticRNNState, RetroactivePlasticRNNState, _as_state
 
 
 class PlasticRNN(_PlasticBase):
@@ -42,7 +42,8 @@ class PlasticRNN(_PlasticBase):
         -> (output, state) [, traces]
         input: (T, B, input_size) ((B, T, .) with batch_first), or a PackedSequence (then output is one too).
         state: None (zeros: a new episode for every row) or the PlasticRNNState a previous call returned:
-            y (B, N) the last output of each row, trace (B, N, N) and eligibility (B, N, N) or None. state.detach() for truncated BPTT,
+            y (B, N) the last output of each row and trace (B, N, N); with neuromodulation="retroactive" a
+            RetroactivePlasticRNNState, which adds eligibility (B, N, N). state.detach() for truncated BPTT,
             state.batch(index) to pick rows.
         reset: (T, B) bool ((B, T) with batch_first): reset[t, b] starts a new episode for row b at step t
             (its trace and recurrent output become zeros before the step; no gradient crosses the boundary).
@@ -100,14 +101,16 @@ class PlasticRNN(_PlasticBase):
         out = self._backend().plastic_rnn(u, self.weight, self.alpha, self.plasticity_rate(), trace, y0, self.bias,
                                           **self._kwargs(modulation, reset, lengths, return_traces, eligibility))
         y, trace_T = out[0], out[1]
-        elig_T = out[2] if self.neuromodulation == "retroactive" else None
-        state = PlasticRNNState(_last_output(y, lengths), trace_T, elig_T)
+        last = _last_output(y, lengths)
+        state = (RetroactivePlasticRNNState(last, trace_T, out[2]) if self.neuromodulation == "retroactive"
+                 else PlasticRNNState(last, trace_T))
         return self._outputs(y, state, out[-1] if return_traces else None, packed, lengths, return_traces)
 
     def _initial_state(self, state, y0):
         if isinstance(state, torch.Tensor) or state is None:
             return state, y0, None  # a bare trace (the former call form) or nothing
-        state = _as_state(PlasticRNNState, state)
+        state = _as_state(RetroactivePlasticRNNState if self.neuromodulation == "retroactive" else PlasticRNNState,
+                          state)
         if y0 is not None:  # the former form forward(u, trace, y0) with the state in place of the trace
             warnings.warn("y0 given with a state: y0 replaces state.y. Pass the state alone (it carries the "
                           "recurrent output); y0 will be removed.", FutureWarning, stacklevel=3)
