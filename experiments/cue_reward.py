@@ -63,7 +63,7 @@ ACTIONS = 2  # 0: "the rewarded cue was not in this trial", 1: "it was"
 
 # Fields of the command line that define a run: --resume refuses a checkpoint made with others.
 RUN_FIELDS = ("variant", "hidden", "cue_bits", "num_cues", "trials", "batch_size", "lr", "gamma", "value_coef",
-              "entropy_coef", "grad_clip", "seed", "plastic_eta", "eligibility_eta", "val_seed", "val_episodes",
+              "entropy_coef", "grad_clip", "seed", "plastic_eta", "eligibility_eta", "mod_init_scale", "val_seed", "val_episodes",
               "eval_every")
 
 
@@ -165,10 +165,13 @@ class Agent(nn.Module):
     The recurrent layer is plastic_ops.plastic_rnn with y_{t-1} @ (w + alpha * H_t) + i2h(x_t); its
     parameters are those of Backpropamine's code (w and alpha from 0.001 * U(0, 1); h2mod: Linear(N, 1);
     modfanout: Linear(1, N)), passed to the op as mod_weight, mod_bias, mod_fanout_weight, mod_fanout_bias.
+    mod_init_scale != 1 multiplies modfanout's initial weight by it and zeroes its bias: with nn.Linear's
+    initialization the additive traces of a new network sit at the clip after one episode (where their
+    gradient is 0), which a short training budget cannot afford to wait out.
     """
 
     def __init__(self, obs_size: int, hidden: int, variant: str, *, impl: str = "fused", plastic_eta: float = 0.01,
-                 eligibility_eta: float = 0.1):
+                 eligibility_eta: float = 0.1, mod_init_scale: float = 1.0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -187,6 +190,10 @@ class Agent(nn.Module):
         if variant in ("simple", "retroactive"):
             self.h2mod = nn.Linear(hidden, 1)
             self.modfanout = nn.Linear(1, hidden)
+            if mod_init_scale != 1.0:  # a smaller initial M_t: the traces start far from the clip
+                with torch.no_grad():
+                    self.modfanout.weight.mul_(mod_init_scale)
+                    self.modfanout.bias.zero_()
         if variant == "retroactive":
             self.eligibility_eta = nn.Parameter(torch.tensor(float(eligibility_eta)))
         self.h2o = nn.Linear(hidden, ACTIONS)
@@ -338,7 +345,7 @@ def run_fields(args) -> dict:
 
 def build_agent(args, cfg: TaskConfig) -> Agent:
     return Agent(cfg.obs_size, args.hidden, args.variant, impl=args.impl, plastic_eta=args.plastic_eta,
-                 eligibility_eta=args.eligibility_eta)
+                 eligibility_eta=args.eligibility_eta, mod_init_scale=args.mod_init_scale)
 
 
 def make_optimizer(agent: Agent, lr: float):
@@ -622,12 +629,15 @@ def parse_args(argv=None):
     m = p.add_argument_group("agent")
     m.add_argument("--hidden", type=int, default=64, help="units of the plastic recurrent layer")
     m.add_argument("--plastic-eta", type=float, default=0.01, help="initial learned eta of the 'plastic' variant")
+    m.add_argument("--mod-init-scale", type=float, default=0.1,
+                   help="initial modfanout weight times this, its bias 0 (1: nn.Linear's initialization, as "
+                        "Backpropamine's code)")
     m.add_argument("--eligibility-eta", type=float, default=0.1,
                    help="initial (learned) eligibility rate of the 'retroactive' variant")
     t = p.add_argument_group("training (A2C)")
-    t.add_argument("--updates", type=int, default=600, help="optimizer updates (each on --batch-size episodes)")
+    t.add_argument("--updates", type=int, default=800, help="optimizer updates (each on --batch-size episodes)")
     t.add_argument("--batch-size", type=int, default=32, help="episodes played in parallel per update")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     t.add_argument("--gamma", type=float, default=0.9, help="discount of the returns")
     t.add_argument("--value-coef", type=float, default=0.1, help="weight of the value loss")
     t.add_argument("--entropy-coef", type=float, default=0.03, help="weight of the entropy bonus")

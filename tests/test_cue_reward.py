@@ -171,3 +171,29 @@ def test_bad_flags_are_rejected():
         cr.parse_args(["--val-seed", "5", "--test-seed", "5"])
     with pytest.raises(SystemExit):
         cr.parse_args(["--variant", "lstm"])
+
+
+@pytest.mark.parametrize("variant", ["plastic", "simple", "retroactive"])
+def test_agent_is_the_plastic_rnn_layer_with_these_parameters(variant):
+    """The agent's recurrent part is plastic_ops.nn.PlasticRNN with the same parameters (checked on the reference)."""
+    from plastic_ops.nn import PlasticRNN
+    cfg = cr.TaskConfig(cue_bits=5, trials=3)
+    torch.manual_seed(5)
+    agent = cr.Agent(cfg.obs_size, 9, variant, impl="reference", mod_init_scale=1.0)
+    neuro = {"plastic": None, "simple": "simple", "retroactive": "retroactive"}[variant]
+    layer = PlasticRNN(cfg.obs_size, 9, rule=agent.rule, clip=agent.clip, eta=agent.eta.item(),
+                       learn_eta=variant == "plastic", neuromodulation=neuro, impl="reference")
+    with torch.no_grad():
+        layer.weight.copy_(agent.w), layer.alpha.copy_(agent.alpha)
+        layer.weight_ih.copy_(agent.i2h.weight), layer.bias.copy_(agent.i2h.bias)
+        if neuro is not None:
+            layer.mod_weight.copy_(agent.h2mod.weight[0]), layer.mod_bias.copy_(agent.h2mod.bias[0])
+            layer.mod_fanout_weight.copy_(agent.modfanout.weight[:, 0])
+            layer.mod_fanout_bias.copy_(agent.modfanout.bias)
+        if variant == "retroactive":
+            layer.eligibility_eta.copy_(agent.eligibility_eta)
+    obs = torch.randn(cfg.steps, 4, cfg.obs_size)
+    y, state = layer(obs)
+    logits, _, (y_last, trace, _) = agent(obs)
+    torch.testing.assert_close(agent.h2o(y), logits)
+    torch.testing.assert_close(state.trace, trace)
