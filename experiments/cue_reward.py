@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -587,7 +588,11 @@ def bench(args) -> dict:
         if base and "median_s" in results[mode]:
             results[mode]["ratio_to_fused_replay"] = results[mode]["median_s"] / base
             print(f"{mode} / fused-replay: {results[mode]['ratio_to_fused_replay']:.2f}x")
-    return results
+    record = {"variant": args.variant, "hidden": args.hidden, "batch_size": args.batch_size, "steps": cfg.steps,
+              "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()), "modes": results}
+    path = ResultsDir(args.out).write_json(f"bench_{args.variant}.json", record)
+    print(f"Written to {path}")
+    return record
 
 
 def chained_step(agent: Agent, optimizer, cfg: TaskConfig, args, env_gen, act_gen, mask):

@@ -197,3 +197,10 @@ def test_agent_is_the_plastic_rnn_layer_with_these_parameters(variant):
     logits, _, (y_last, trace, _) = agent(obs)
     torch.testing.assert_close(agent.h2o(y), logits)
     torch.testing.assert_close(state.trace, trace)
+
+
+def test_bench_runs_and_writes_its_record(tmp_path):
+    r = cr.main(["--bench", "--variant", "plastic", "--impl", "reference", "--threads", "1", "--trials", "2",
+                 "--hidden", "6", "--batch-size", "3", "--bench-repeats", "1", "--out", str(tmp_path)])
+    assert "median_s" in r["modes"]["reference-replay"]
+    assert json.loads((tmp_path / "bench_plastic.json").read_text())["steps"] == 6
