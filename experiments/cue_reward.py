@@ -480,6 +480,12 @@ def _fmt(s, digits=3):
     return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def _pct(s):
+    if s["std"] is None:
+        return f"{100 * s['mean']:.1f}%"
+    return f"{100 * s['mean']:.1f}% ± {100 * s['std']:.1f}"
+
+
 def summarize(out: Path) -> dict:
     """summary.json, summary.md (the table) and curves.png (validation curves, mean over seeds, min-max band)."""
     out = Path(out)
@@ -498,12 +504,12 @@ def summarize(out: Path) -> dict:
                      "train_s": [by_seed[s]["train_wall_s"] for s in seeds],
                      "impl": sorted({by_seed[s]["impl"] for s in seeds})})
     lines = ["| variant | seeds | held-out test reward per trial (mean ± sd) | min .. max | "
-             "accuracy, last third of the trials | best validation reward | update chosen | impl |",
+             "test accuracy, last third of the trials | best validation reward | update chosen | impl |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["test_reward"]
         lines.append(f"| {r['variant']} | {len(r['seeds'])} | {_fmt(t)} | {min(t['values']):+.3f} .. "
-                     f"{max(t['values']):+.3f} | {_fmt(r['test_accuracy_last_third'])} | "
+                     f"{max(t['values']):+.3f} | {_pct(r['test_accuracy_last_third'])} | "
                      f"{_fmt(r['best_val_reward'])} | {', '.join(map(str, r['best_update']))} | "
                      f"{', '.join(r['impl'])} |")
     lines.append("")
@@ -537,6 +543,7 @@ def plot_summary(runs: dict, path: Path) -> None:
     axes[0].set_ylabel("validation reward per trial (greedy)")
     axes[0].set_title("learning curves: mean over seeds, band min..max", fontsize=9)
     axes[1].axhline(0.5, color="k", lw=0.6, ls=":")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[1].set_xlabel("trial within the episode")
     axes[1].set_ylabel("accuracy of the answer (held-out test)")
     axes[1].set_title("within-episode learning at the chosen checkpoint", fontsize=9)
@@ -555,11 +562,12 @@ def plot_summary(runs: dict, path: Path) -> None:
 def bench(args) -> dict:
     """Median wall-clock of one training step (rollout + replay forward and backward) at the run's size:
     the replay as one call of the fused op, one call of the reference, and T chained T = 1 calls of the
-    fused op under autograd (the original code's way: the graph built during the rollout itself)."""
+    fused op under autograd (the original code's way: the graph built during the rollout itself); and the
+    rollout alone on each implementation."""
     cfg = TaskConfig(args.cue_bits, args.num_cues, args.trials)
     mask = CueRewardEnv.response_mask(cfg)
     results = {}
-    modes = ["fused-replay", "reference-replay", "fused-chained"]
+    modes = ["fused-replay", "reference-replay", "fused-chained", "fused-rollout-only", "reference-rollout-only"]
     for mode in modes:
         set_seed(args.seed)
         agent = build_agent(args, cfg)
@@ -572,6 +580,8 @@ def bench(args) -> dict:
                 t0 = time.perf_counter()
                 if mode.endswith("replay"):
                     train_step(agent, opt, cfg, args, env_gen, act_gen, mask)
+                elif mode.endswith("rollout-only"):  # the part of a step that the replay's implementation cannot speed up
+                    rollout(agent, CueRewardEnv(cfg, args.batch_size, env_gen), act_gen)
                 else:
                     chained_step(agent, opt, cfg, args, env_gen, act_gen, mask)
                 if i > 0:  # the first is a warm-up
@@ -581,10 +591,11 @@ def bench(args) -> dict:
             print(f"{mode}: not available: {results[mode]['error']}")
             continue
         results[mode] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "repeats": len(times)}
-        print(f"{mode}: median {1000 * results[mode]['median_s']:.1f} ms per training step "
+        what = "rollout" if mode.endswith("rollout-only") else "training step"
+        print(f"{mode}: median {1000 * results[mode]['median_s']:.1f} ms per {what} "
               f"(min {1000 * results[mode]['min_s']:.1f} ms, {len(times)} repeats)")
     base = results.get("fused-replay", {}).get("median_s")
-    for mode in modes[1:]:
+    for mode in modes[1:3]:
         if base and "median_s" in results[mode]:
             results[mode]["ratio_to_fused_replay"] = results[mode]["median_s"] / base
             print(f"{mode} / fused-replay: {results[mode]['ratio_to_fused_replay']:.2f}x")
