@@ -155,6 +155,21 @@ PLASTIC_OPS_INLINE uint32_t bf16_rounded_bits(float v) {
   return v != v ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
 }
 
+// g where -c <= hpre <= c, else +0 (NaN hpre included): the clamp's gradient mask. Written as an
+// integer AND rather than a select of g or 0 (the same bits), which GCC leaves as a branch that keeps
+// the whole row loop from vectorizing.
+template <typename scalar_t>
+PLASTIC_OPS_INLINE scalar_t clamp_mask(scalar_t g, scalar_t hpre, scalar_t c) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(bits_t) == sizeof(scalar_t), "float or double");
+  const bits_t m = bits_t(0) - static_cast<bits_t>((hpre >= -c) & (hpre <= c));
+  bits_t u;
+  std::memcpy(&u, &g, sizeof u);
+  u &= m;
+  std::memcpy(&g, &u, sizeof u);
+  return g;
+}
+
 template <typename acc_t, typename T>
 PLASTIC_OPS_INLINE acc_t load(T v) {
   if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
@@ -629,7 +644,15 @@ PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<
       sb += gg * wr[j] + gg * (a * hb);
     }
     if constexpr (UPDATE) {
-      if constexpr (CLIP) g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
+      if constexpr (CLIP) {
+        // hebb and oja without eligibility keep the select, with which their row loop stays scalar
+        // and their gradients keep the bits (the order of the row sums) they have always had
+        if constexpr (R == Rule::Add || EU) {
+          g = clamp_mask(g, hpre, c);
+        } else {
+          g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
+        }
+      }
       // Terms kept apart as autograd keeps them on the reference (no factoring), so an
       // infinite g gives inf - inf = NaN exactly where the reference does.
       if constexpr (EU) {
