@@ -60,12 +60,12 @@ from experiments.common.progress import progress_bar  # noqa: E402
 from experiments.common.seeds import spread  # noqa: E402
 
 VARIANTS = ("nonplastic", "plastic", "simple", "retroactive")
-ACTIONS = 2  # 0: "the rewarded cue was not in this trial", 1: "it was"
+ACTIONS = 2  # 0: "the rewarded cue is not in this trial's pair", 1: "it is"
 
 # Fields of the command line that define a run: --resume refuses a checkpoint made with others.
 RUN_FIELDS = ("variant", "hidden", "cue_bits", "num_cues", "trials", "batch_size", "lr", "gamma", "value_coef",
-              "entropy_coef", "grad_clip", "seed", "plastic_eta", "eligibility_eta", "mod_init_scale", "val_seed", "val_episodes",
-              "eval_every")
+              "entropy_coef", "grad_clip", "seed", "plastic_eta", "eligibility_eta", "mod_init_scale", "val_seed",
+              "val_episodes", "eval_every")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +99,11 @@ class CueRewardEnv:
     alone; at the response step the "answer now" input is 1 and the action is scored; at the feedback step
     the reward of that answer comes back as an input. (The plastic weights act on the previous step's
     output, y_{t-1} @ (w + alpha * H): the cue step lets the response step read what the traces hold about
-    this pair, and the feedback step pairs the response step's activity with the reward.) Reward: +1 when the action says rightly whether the rewarded cue is in the pair, -1
-    otherwise, 0 at the feedback step. With 4 cues the rewarded one is in half of the pairs, so chance is
-    0 reward per trial. Inputs at every step also carry the previous step's reward and action, a bias and
-    the time t / T (as in Backpropamine's code).
+    this pair, and the feedback step pairs the response step's activity with the reward.) Reward: +1 when
+    the action says rightly whether the rewarded cue is in the pair, -1 otherwise, 0 at the other steps.
+    With 4 cues the rewarded one is in half of the pairs, so chance is 0 reward per trial. Inputs at every
+    step also carry the previous step's reward and action, a bias and the time t / T (as in Backpropamine's
+    code).
     """
 
     def __init__(self, cfg: TaskConfig, batch: int, generator: torch.Generator):
@@ -580,7 +581,7 @@ def bench(args) -> dict:
                 t0 = time.perf_counter()
                 if mode.endswith("replay"):
                     train_step(agent, opt, cfg, args, env_gen, act_gen, mask)
-                elif mode.endswith("rollout-only"):  # the part of a step that the replay's implementation cannot speed up
+                elif mode.endswith("rollout-only"):  # the part of a step that the replay cannot speed up
                     rollout(agent, CueRewardEnv(cfg, args.batch_size, env_gen), act_gen)
                 else:
                     chained_step(agent, opt, cfg, args, env_gen, act_gen, mask)
