@@ -128,8 +128,8 @@ class Classifier(nn.Module):
     def head(self, h, trace=None):
         """Output layer on precomputed features h (T, B, hidden)."""
         if self.plastic:
-            p, (trace,) = self.out(h, trace)
-            return torch.log(p.clamp_min(LOG_EPS)), trace
+            p, state = self.out(h, trace)
+            return torch.log(p.clamp_min(LOG_EPS)), state.trace
         return F.log_softmax(self.out(h), dim=-1), None
 
     def project(self):

@@ -55,7 +55,8 @@ def test_memory_stores_the_clean_frames():
     frames = torch.rand(3, 2, 1, 28, 28)
     c = frames.reshape(3, 2, 784)
     c = c - c.mean(-1, keepdim=True)
-    _, (trace,) = model.memory(c)
+    _, state = model.memory(c)
+    trace = state.trace
     expected = torch.zeros(2, 784, 784)
     for t in range(3):
         expected = 0.5 * expected + 0.5 * c[t, :, :, None] * c[t, :, None, :]

@@ -117,11 +117,12 @@ def test_missing_extension_message(monkeypatch):
 
 @pytest.mark.parametrize("name", ["plastic_linear_forward", "plastic_rnn_forward", "plastic_linear_backward",
                                   "plastic_rnn_backward"])
-def test_steps_is_the_last_argument_with_a_default(name):
-    # direct calls written before the per-step flags existed keep working
+def test_optional_arguments_come_last_with_defaults(name):
+    # direct calls written before the per-step flags and neuromodulation existed keep working
     schema = getattr(torch.ops.plastic_ops, name).default._schema
-    last = schema.arguments[-1]
-    assert last.name == "steps" and str(last.type) == "Optional[Tensor]" and last.default_value is None
+    last = schema.arguments[-3:]
+    assert [a.name for a in last] == ["steps", "mod", "elig_rate"]
+    assert all(str(a.type) == "Optional[Tensor]" and a.default_value is None for a in last)
 
 
 @pytest.mark.parametrize("form", ["linear", "rnn"])

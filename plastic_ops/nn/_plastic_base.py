@@ -16,6 +16,10 @@ IMPLS = ("fused", "reference")
 #: How the learned eta is kept in range (docs/recipes.md): None learns it raw, as Miconi et al. (2018, 2019);
 #: "clamp" uses eta.clamp(0, 1) in the op; "sigmoid" stores a logit and uses sigmoid(eta_logit), in (0, 1).
 ETA_CONSTRAINTS = (None, "clamp", "sigmoid")
+#: Backpropamine's neuromodulation (Miconi et al., 2019; docs/op_spec.md, "Neuromodulation"): "simple" gates
+#: each step's update by a modulation the layer computes from its own output; "retroactive" adds an
+#: eligibility trace that the modulation writes into the plastic trace.
+NEUROMODULATIONS = (None, "simple", "retroactive")
 
 
 def _init_std(name: str, value) -> float:
@@ -45,8 +49,14 @@ def _initial_eta(eta, constraint) -> float:
 class _PlasticBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, alpha: str, rule: str, activation: str,
                  clip, eta, learn_eta: bool, eta_constraint, bias: bool, batch_first: bool, init_std: float,
-                 alpha_init_std, impl: str, checkpoint_every, trace_dtype=None, device=None, dtype=None):
+                 alpha_init_std, impl: str, checkpoint_every, trace_dtype=None, device=None, dtype=None,
+                 neuromodulation=None, eligibility_eta=0.1):
         super().__init__()
+        if neuromodulation not in NEUROMODULATIONS:
+            raise ValueError(f"neuromodulation must be one of {NEUROMODULATIONS}, got {neuromodulation!r}")
+        if neuromodulation == "retroactive" and rule == "oja":
+            raise ValueError("neuromodulation='retroactive' needs rule='hebb' or 'add': Oja's rule has no "
+                             "eligibility-trace form")
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
                 raise ValueError(f"{name} must be a positive integer below 2**31, got {value!r}")
@@ -87,6 +97,18 @@ class _PlasticBase(nn.Module):
         else:
             self.register_buffer(name, eta_t)
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.neuromodulation = neuromodulation
+        if neuromodulation is not None:
+            # Backpropamine's h2mod (Linear(N_out, 1)) and modfanout (Linear(1, N_out)), as named parameters
+            self.mod_weight = nn.Parameter(torch.empty(out_features, **factory))
+            self.mod_bias = nn.Parameter(torch.empty((), **factory))
+            self.mod_fanout_weight = nn.Parameter(torch.empty(out_features, **factory))
+            self.mod_fanout_bias = nn.Parameter(torch.empty(out_features, **factory))
+        if neuromodulation == "retroactive":
+            q = to_float("eligibility_eta", eligibility_eta) if isinstance(eligibility_eta, numbers.Real) else None
+            if q is None or isinstance(eligibility_eta, bool) or not 0 <= q <= 1:
+                raise ValueError(f"eligibility_eta must be a number in [0, 1], got {eligibility_eta!r}")
+            self.eligibility_eta = nn.Parameter(torch.tensor(q, **factory))
         self.reset_parameters()
 
     @property
@@ -107,6 +129,13 @@ class _PlasticBase(nn.Module):
             self.alpha.normal_(0.0, self.alpha_init_std)
             if self.bias is not None:
                 self.bias.zero_()
+            if getattr(self, "neuromodulation", None) is not None:
+                # nn.Linear's defaults for Linear(N_out, 1) and Linear(1, N_out), as in Backpropamine's code
+                bound = 1.0 / math.sqrt(self.out_features)
+                self.mod_weight.uniform_(-bound, bound)
+                self.mod_bias.uniform_(-bound, bound)
+                self.mod_fanout_weight.uniform_(-1.0, 1.0)
+                self.mod_fanout_bias.uniform_(-1.0, 1.0)
 
     def plasticity_rate(self) -> torch.Tensor:
         """The eta the op receives: the learned value, in range when eta_constraint asks for it."""
@@ -122,10 +151,20 @@ class _PlasticBase(nn.Module):
     def _time_major(self, t):
         return t.transpose(0, 1) if (t is not None and self.batch_first) else t
 
-    def _kwargs(self, modulation, reset, lengths, return_traces):
+    def _kwargs(self, modulation, reset, lengths, return_traces, eligibility=None):
         kw = dict(rule=self.rule, activation=self.activation, clip=self.clip,
                   modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every,
                   trace_dtype=self.trace_dtype)
+        # item by item: dynamo on torch 2.4 cannot trace dict.update with keywords
+        if self.neuromodulation is not None:
+            for name in ("mod_weight", "mod_bias", "mod_fanout_weight", "mod_fanout_bias"):
+                kw[name] = getattr(self, name)
+        if self.neuromodulation == "retroactive":
+            kw["eligibility"] = eligibility
+            kw["eligibility_eta"] = self.eligibility_eta
+        elif eligibility is not None:
+            raise ValueError("the state carries an eligibility trace but this layer has none "
+                             "(neuromodulation='retroactive' keeps one)")
         # passed only when used: the plain call is the op's plain call
         if reset is not None:
             kw["reset"] = self._time_major(reset)
@@ -157,4 +196,5 @@ class _PlasticBase(nn.Module):
                 f"activation={self.activation}, clip={self.clip}, bias={self.bias is not None}, "
                 f"batch_first={self.batch_first}, impl={self.impl}"
                 + (f", eta_constraint={self.eta_constraint!r}" if self.eta_constraint is not None else "")
-                + (f", trace_dtype={self.trace_dtype}" if self.trace_dtype is not None else ""))
+                + (f", trace_dtype={self.trace_dtype}" if self.trace_dtype is not None else "")
+                + (f", neuromodulation={self.neuromodulation!r}" if self.neuromodulation is not None else ""))

@@ -63,6 +63,12 @@ def _forward_to_trace(self, name):
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
+def _no_eligibility(self):
+    """None: only the layers with neuromodulation="retroactive" keep an eligibility trace (their states have
+    it as a field), so that code reading state.eligibility works with every layer."""
+    return None
+
+
 class PlasticRNNState(NamedTuple):
     """State of a PlasticRNN: y (B, N) the last output of each episode (its recurrent input at the next step),
     trace (B, N, N) its Hebbian trace."""
@@ -71,6 +77,7 @@ class PlasticRNNState(NamedTuple):
     trace: torch.Tensor
 
     detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
+    eligibility = property(_no_eligibility)
 
 
 class PlasticLinearState(NamedTuple):
@@ -79,6 +86,37 @@ class PlasticLinearState(NamedTuple):
     trace: torch.Tensor
 
     detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
+    eligibility = property(_no_eligibility)
+
+
+# The states of the layers with neuromodulation="retroactive": the eligibility trace of each episode as a
+# field beside the trace (docs/op_spec.md, "Neuromodulation"). Separate classes, so that the states above keep
+# unpacking as they always did (y, trace = state).
+
+class RetroactivePlasticRNNState(NamedTuple):
+    """State of a PlasticRNN with neuromodulation="retroactive": y (B, N), trace (B, N, N) and eligibility
+    (B, N, N), the eligibility trace of each episode (None: zeros)."""
+
+    y: torch.Tensor
+    trace: torch.Tensor
+    eligibility: Optional[torch.Tensor]
+
+    detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
+
+
+class RetroactivePlasticLinearState(NamedTuple):
+    """State of a PlasticLinear with neuromodulation="retroactive": trace (B, N_in, N_out) and eligibility
+    (B, N_in, N_out), the eligibility trace of each episode (None: zeros)."""
+
+    trace: torch.Tensor
+    eligibility: Optional[torch.Tensor]
+
+    detach, batch, reset, to, _map, __getattr__ = _detach, _batch, _reset, _to, _map_fields, _forward_to_trace
+
+
+#: the plain state class of each retroactive one: a plain state (no eligibility yet) is accepted by a
+#: retroactive layer, its eligibility trace starting from zeros
+_PLAIN = {RetroactivePlasticRNNState: PlasticRNNState, RetroactivePlasticLinearState: PlasticLinearState}
 
 
 def _as_state(cls, state, name: str = "state") -> Optional[tuple]:
@@ -87,6 +125,11 @@ def _as_state(cls, state, name: str = "state") -> Optional[tuple]:
         return state
     if isinstance(state, torch.Tensor):
         return None  # handled by the caller as a bare trace
+    if cls in _PLAIN and isinstance(state, _PLAIN[cls]):
+        return cls(*state, None)
+    if "eligibility" in getattr(type(state), "_fields", ()) and cls not in _PLAIN:
+        raise ValueError(f"{name} carries an eligibility trace ({type(state).__name__}) but this layer keeps none: "
+                         "only layers with neuromodulation='retroactive' do")
     if isinstance(state, tuple) and len(state) == len(cls._fields):
         return cls(*state)
     raise TypeError(f"{name} must be None, a {cls.__name__} (as the layer returned it) or a trace tensor, "
