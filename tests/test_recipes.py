@@ -18,7 +18,7 @@ def recipes():
 
 
 def test_the_page_has_its_recipes():
-    assert len(recipes()) == 4
+    assert len(recipes()) == 5
 
 
 @pytest.mark.parametrize("code", recipes())

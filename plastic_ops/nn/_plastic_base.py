@@ -155,11 +155,13 @@ class _PlasticBase(nn.Module):
         kw = dict(rule=self.rule, activation=self.activation, clip=self.clip,
                   modulation=self._time_major(modulation), checkpoint_every=self.checkpoint_every,
                   trace_dtype=self.trace_dtype)
+        # item by item: dynamo on torch 2.4 cannot trace dict.update with keywords
         if self.neuromodulation is not None:
-            kw.update(mod_weight=self.mod_weight, mod_bias=self.mod_bias, mod_fanout_weight=self.mod_fanout_weight,
-                      mod_fanout_bias=self.mod_fanout_bias)
+            for name in ("mod_weight", "mod_bias", "mod_fanout_weight", "mod_fanout_bias"):
+                kw[name] = getattr(self, name)
         if self.neuromodulation == "retroactive":
-            kw.update(eligibility=eligibility, eligibility_eta=self.eligibility_eta)
+            kw["eligibility"] = eligibility
+            kw["eligibility_eta"] = self.eligibility_eta
         elif eligibility is not None:
             raise ValueError("the state carries an eligibility trace but this layer has none "
                              "(neuromodulation='retroactive' keeps one)")

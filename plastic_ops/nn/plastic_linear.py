@@ -64,7 +64,8 @@ class PlasticLinear(_PlasticBase):
         trace, eligibility = state, None
         if not (state is None or isinstance(state, torch.Tensor)):
             state = _as_state(RetroactivePlasticLinearState if retroactive else PlasticLinearState, state)
-            trace, eligibility = state.trace, state.eligibility
+            trace = state.trace
+            eligibility = state.eligibility if retroactive else None  # the field (see PlasticRNN)
         kw = self._kwargs(modulation, reset, lengths, return_traces, eligibility)
         if drive is not None:
             kw["drive"] = self._time_major(drive)

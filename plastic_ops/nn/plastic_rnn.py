@@ -109,13 +109,15 @@ class PlasticRNN(_PlasticBase):
     def _initial_state(self, state, y0):
         if isinstance(state, torch.Tensor) or state is None:
             return state, y0, None  # a bare trace (the former call form) or nothing
-        state = _as_state(RetroactivePlasticRNNState if self.neuromodulation == "retroactive" else PlasticRNNState,
-                          state)
+        retroactive = self.neuromodulation == "retroactive"
+        state = _as_state(RetroactivePlasticRNNState if retroactive else PlasticRNNState, state)
+        # the field, not the plain state's property (which dynamo on torch 2.4 cannot trace)
+        eligibility = state.eligibility if retroactive else None
         if y0 is not None:  # the former form forward(u, trace, y0) with the state in place of the trace
             warnings.warn("y0 given with a state: y0 replaces state.y. Pass the state alone (it carries the "
                           "recurrent output); y0 will be removed.", FutureWarning, stacklevel=3)
-            return state.trace, y0, state.eligibility
-        return state.trace, state.y, state.eligibility
+            return state.trace, y0, eligibility
+        return state.trace, state.y, eligibility
 
 
 def _last_output(y, lengths):
