@@ -127,7 +127,8 @@ def test_compare_reports_the_neuromodulation(tmp_path, sigterm_restored):
         if not fused_ok:
             assert f["status"] == "error" and "neuromodulation" in f["error"]
             continue
-        assert f["status"] == "ok" and f["max_rel_err_vs_eager"] < 1e-5
+        # float32: a scalar gradient (mod_bias: a sum over t, b of terms of both signs) is the least exact
+        assert f["status"] == "ok" and f["max_rel_err_vs_eager"] < 1e-4
         assert f["fused_over_fused_hebb"] == pytest.approx(f["median_ms"] / rows["fused-hebb"]["median_ms"])
         assert f["eager_over_fused"] == pytest.approx(rows["eager"]["median_ms"] / f["median_ms"])
         assert f["fused_over_fused_hebb_round_q1"] <= f["fused_over_fused_hebb_round_q3"]
