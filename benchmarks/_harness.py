@@ -11,7 +11,9 @@ number in benchmarks/RESULTS.md comes from the same definitions:
   or ``compile`` (torch.compile of that same reference function); on a case with episodes also
   ``fused-unmasked`` (the fused op on the same batch without the reset mask / lengths: what the mask
   costs) and ``fused-split`` (the fused op without the mask, called once per run of steps between
-  consecutive episode boundaries, the state of the rows that reset zeroed in between);
+  consecutive episode boundaries, the state of the rows that reset zeroed in between); on a case with
+  neuromodulation also ``fused-hebb`` (the fused op on the same inputs with rule ``hebb`` and without
+  the neuromodulation arguments: today's hebb op, what the neuromodulation is measured against);
 * a case's *episodes* are ``none`` (one episode per row, the op as before), ``every:K`` (each row
   starts a new episode every K steps, at an offset of its own: row b at the steps t > 0 with
   t = (b * K // B) mod K, passed as ``reset``) or ``lengths`` (row b runs lengths[b] steps, drawn
@@ -41,10 +43,16 @@ from plastic_ops import _extension, reference
 
 IMPLS = ("fused", "eager", "compile")  # the default set of a comparison
 EPISODE_IMPLS = ("fused-unmasked", "fused-split")  # meant for cases with episodes
-ALL_IMPLS = IMPLS + EPISODE_IMPLS
+NEURO_IMPLS = ("fused-hebb",)  # meant for cases with neuromodulation
+ALL_IMPLS = IMPLS + EPISODE_IMPLS + NEURO_IMPLS
 FORMS = ("rnn", "linear")
 MODES = ("fwd", "fwdbwd")
 ALPHA_SHAPES = ("synapse", "row", "column", "scalar")
+NEUROMODULATIONS = ("none", "simple", "retroactive")
+NEURO_RULE = "add"  # the rule of the neuromodulated cases: Backpropamine's additive rule
+MOD_ARGS = ("mod_weight", "mod_bias", "mod_fanout_weight", "mod_fanout_bias")
+ELIG_ARGS = ("eligibility_eta", "eligibility")
+NEURO_ARGS = MOD_ARGS + ELIG_ARGS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024.0 * 1024.0
 
@@ -66,9 +74,15 @@ class Case:
     dtype: str = "float32"
     seed: int = 0
     episodes: str = "none"
+    neuromodulation: str = "none"
 
     def __post_init__(self):
         parse_episodes(self.episodes)
+        if self.neuromodulation not in NEUROMODULATIONS:
+            raise ValueError(f"neuromodulation must be one of {NEUROMODULATIONS}, got {self.neuromodulation!r}")
+        if self.neuromodulation != "none" and self.rule != NEURO_RULE:
+            raise ValueError(f"neuromodulation={self.neuromodulation} is measured with rule {NEURO_RULE!r}, "
+                             f"got rule {self.rule!r}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.mode not in MODES:
@@ -82,12 +96,14 @@ class Case:
     def label(self) -> str:
         return (f"{self.form} {self.mode} N={self.n} B={self.batch} T={self.steps} "
                 f"{self.rule}/{self.activation} alpha={self.alpha} {self.device}"
-                + ("" if self.episodes == "none" else f" episodes={self.episodes}"))
+                + ("" if self.episodes == "none" else f" episodes={self.episodes}")
+                + ("" if self.neuromodulation == "none" else f" neuromodulation={self.neuromodulation}"))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["episodes"] == "none":  # the records of a case without episodes stay as they were
-            del d["episodes"]
+        for k in ("episodes", "neuromodulation"):  # the records of a case without them stay as they were
+            if d[k] == "none":
+                del d[k]
         return d
 
     @classmethod
@@ -105,11 +121,14 @@ class Case:
         Forward without autograd holds a few traces at a time. With autograd the reference keeps,
         per step, the new trace and the (B, N, N) intermediates of the einsum and of the update
         (alpha * H, e * x), and the backward adds temporaries of the same size: about six traces per
-        step all told (docs/op_spec.md puts N=1000, T=106, B=8 near 20 GB).
+        step all told (docs/op_spec.md puts N=1000, T=106, B=8 near 20 GB). Retroactive neuromodulation
+        adds the eligibility trace and its update's intermediates (q * p y^T, (1 - q) E, r * E): about
+        ten traces per step.
         """
+        per_step = 10 if self.neuromodulation == "retroactive" else 6
         if self.mode == "fwd":
-            return 6 * self.trace_bytes
-        return 6 * self.steps * self.trace_bytes
+            return per_step * self.trace_bytes
+        return per_step * self.steps * self.trace_bytes
 
 
 def parse_episodes(spec: str):
@@ -154,12 +173,45 @@ def episode_boundaries(case: Case) -> List[int]:
     return []
 
 
+def neuro_inputs(case: Case) -> dict:
+    """The neuromodulation arguments of a case: {} (none), the four mod_* (simple), and eligibility_eta and
+    an initial eligibility E_0 (retroactive).
+
+    The mod_* are drawn as the layers initialize them (nn.Linear's defaults for Backpropamine's h2mod and
+    fan-out: mod_weight, mod_bias ~ U(+-1/sqrt(N)), mod_fanout_weight, mod_fanout_bias ~ U(+-1)),
+    eligibility_eta = 0.1 (Backpropamine's code) and E_0 ~ 0.1 N(0, 1), from a generator of their own
+    seeded from the case's seed, so the other inputs are those of the case without neuromodulation. The
+    parameters (mod_*, eligibility_eta) require grad in fwdbwd; E_0 is a state, like the inputs, and
+    does not.
+    """
+    if case.neuromodulation == "none":
+        return {}
+    dev = torch.device(case.device)
+    dtype = getattr(torch, case.dtype)
+    grad = case.mode == "fwdbwd"
+    g = torch.Generator().manual_seed(case.seed + 104729)
+    N = case.n
+
+    def uniform(*shape, bound):
+        t = (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1) * bound
+        return t.to(dev).requires_grad_(grad)
+
+    bound = 1.0 / math.sqrt(N)
+    out = {"mod_weight": uniform(N, bound=bound), "mod_bias": uniform(bound=bound),
+           "mod_fanout_weight": uniform(N, bound=1.0), "mod_fanout_bias": uniform(N, bound=1.0)}
+    if case.neuromodulation == "retroactive":
+        out["eligibility_eta"] = torch.tensor(0.1, dtype=dtype, device=dev).requires_grad_(grad)
+        out["eligibility"] = (torch.randn(case.batch, N, N, generator=g, dtype=dtype) * 0.1).to(dev)
+    return out
+
+
 def make_inputs(case: Case) -> dict:
     """Deterministic inputs of a case: the op's arguments and, for fwdbwd, the upstream gradient of y.
 
     The scales keep the activity away from saturation and from zero (tanh of order-one inputs), so no
     implementation gets a fast path from denormals or all-zero traces. w, alpha and eta are leaves that
-    require grad in fwdbwd (learned, as in Miconi et al. 2018); the inputs u / x do not.
+    require grad in fwdbwd (learned, as in Miconi et al. 2018); the inputs u / x do not. A case with
+    neuromodulation adds its arguments (neuro_inputs), the others unchanged.
     """
     dev = torch.device(case.device)
     dtype = getattr(torch, case.dtype)
@@ -180,16 +232,19 @@ def make_inputs(case: Case) -> dict:
     if grad:
         args["grad_y"] = rand(T, B, N)
     args.update(episode_masks(case))  # reset or lengths; nothing for episodes=none
+    args.update(neuro_inputs(case))  # nothing for neuromodulation=none
     return args
 
 
 def op_function(impl: str, form: str, compile_kwargs: Optional[dict] = None) -> Callable:
     """The callable of an implementation: fused op, eager reference, or torch.compile of the reference.
 
-    Every one takes the episode arguments (reset=..., lengths=...) of a case that has them;
-    fused-unmasked drops them and fused-split implements them with separate calls.
+    Every one takes the episode arguments (reset=..., lengths=...) and the neuromodulation arguments
+    (mod_*, eligibility_eta, eligibility) of a case that has them; fused-unmasked drops the episode
+    arguments and fused-split implements them with separate calls; fused-hebb drops the neuromodulation
+    arguments and runs rule hebb (today's hebb op on the same inputs).
     """
-    if impl in ("fused", "fused-unmasked", "fused-split"):
+    if impl in ("fused", "fused-unmasked", "fused-split", "fused-hebb"):
         _extension.require()  # when not built: a RuntimeError with the reason and how to build it
         fused = plastic_ops.plastic_rnn if form == "rnn" else plastic_ops.plastic_linear
         if impl == "fused":
@@ -198,6 +253,12 @@ def op_function(impl: str, form: str, compile_kwargs: Optional[dict] = None) -> 
             def unmasked(x, w, alpha, eta, reset=None, lengths=None, **kw):
                 return fused(x, w, alpha, eta, **kw)
             return unmasked
+        if impl == "fused-hebb":
+            def hebb(x, w, alpha, eta, rule=None, **kw):
+                for k in NEURO_ARGS:
+                    kw.pop(k, None)
+                return fused(x, w, alpha, eta, rule="hebb", **kw)
+            return hebb
         return SplitEpisodes(fused, recurrent=form == "rnn")
     ref = reference.plastic_rnn if form == "rnn" else reference.plastic_linear
     if impl == "eager":
@@ -216,7 +277,9 @@ class SplitEpisodes:
     gradient reaches the old one); rows that have ended are left out of the call (a batch subset),
     their outputs are zeros and their trace stays the one after their last step. Everything stays
     differentiable, so forward+backward is one autograd graph over all the calls. The plan (the
-    pieces, the rows to zero, the active rows) is made once per mask, outside the timed calls.
+    pieces, the rows to zero, the active rows) is made once per mask, outside the timed calls. With
+    eligibility traces (eligibility_eta given) the eligibility E is carried, zeroed and subset as the
+    trace is, and the call returns (y, trace_T, eligibility_T) as the op does.
     """
 
     def __init__(self, fn: Callable, recurrent: bool):
@@ -252,11 +315,15 @@ class SplitEpisodes:
         if lengths is not None:
             lengths = lengths.to(x.device)
         T = x.shape[0]
+        retro = kw.get("eligibility_eta") is not None
+        E = kw.pop("eligibility", None)  # the initial eligibility (zeros when None), then carried
         H = y_prev = None
         pieces = []
         for t0, t1, zero, active in self.plan(T, reset, lengths):
-            if zero is not None:  # t0 > 0: H and y_prev exist
+            if zero is not None:  # t0 > 0: H, E and y_prev exist
                 H = torch.where(zero[:, None, None], H.new_zeros(()), H)
+                if retro:
+                    E = torch.where(zero[:, None, None], E.new_zeros(()), E)
                 if self.recurrent:
                     y_prev = torch.where(zero[:, None], y_prev.new_zeros(()), y_prev)
             if active is not None and active.numel() == 0:  # every row has ended: zeros, nothing to run
@@ -264,20 +331,26 @@ class SplitEpisodes:
                 continue
             xs = x[t0:t1]
             state = {"trace": H}
+            if retro:
+                state["eligibility"] = E
             if self.recurrent:
                 state["y0"] = y_prev
-            if active is not None:
+            if active is not None:  # t0 > 0 (every length is >= 1): the state exists
                 xs = xs.index_select(1, active)
                 state = {k: v.index_select(0, active) for k, v in state.items()}
-            y, h = self.fn(xs, w, alpha, eta, **state, **kw)
+            out = self.fn(xs, w, alpha, eta, **state, **kw)
+            y, h = out[0], out[1]
             if active is None:
                 pieces.append(y)
                 H, y_prev = h, y[-1]
+                E = out[2] if retro else None
             else:
                 pieces.append(y.new_zeros((t1 - t0, x.shape[1]) + y.shape[2:]).index_copy(1, active, y))
                 H = H.index_copy(0, active, h)
                 y_prev = y_prev.index_copy(0, active, y[-1])
-        return torch.cat(pieces), H
+                if retro:
+                    E = E.index_copy(0, active, out[2])
+        return (torch.cat(pieces), H) + ((E,) if retro else ())
 
 
 def synchronize(device: str) -> None:
@@ -288,32 +361,44 @@ def synchronize(device: str) -> None:
 def make_step(case: Case, fn: Callable, args: dict) -> Callable[..., Optional[dict]]:
     """One call of ``fn`` on the case, GPU-synchronised; ``step(capture=True)`` also returns outputs.
 
-    A case with episodes passes its reset mask or lengths to ``fn`` as keywords.
+    A case with episodes passes its reset mask or lengths to ``fn`` as keywords, a case with
+    neuromodulation its mod_*, eligibility_eta and eligibility.
     fwd runs under torch.no_grad (an inference call: the fused op then saves no checkpoints, the
-    reference builds no graph). fwdbwd backpropagates grad_y through y (the final trace is not used
-    by the loss) and drops the parameter gradients before each call, so that nothing accumulates.
+    reference builds no graph). fwdbwd backpropagates grad_y through y (the final trace and eligibility
+    are not used by the loss) and drops the parameter gradients before each call, so that nothing
+    accumulates. Captured: y, trace (and eligibility when returned), and the gradients of the parameters
+    that got one (an implementation that drops the neuromodulation, fused-hebb, gives none to mod_*).
     """
     kw = dict(rule=case.rule, activation=case.activation)
     kw.update({k: args[k] for k in ("reset", "lengths") if k in args})  # a case with episodes
-    params = [args["w"], args["alpha"], args["eta"]]
+    kw.update({k: args[k] for k in NEURO_ARGS if k in args})  # a case with neuromodulation
+    names = ["w", "alpha", "eta"] + [k for k in NEURO_ARGS if k in args and args[k].requires_grad]
+    params = [args[k] for k in names]
+
+    def outputs(out) -> dict:
+        res = {"y": out[0].detach(), "trace": out[1].detach()}
+        if len(out) > 2:
+            res["eligibility"] = out[2].detach()
+        return res
 
     if case.mode == "fwd":
         def step(capture: bool = False):
             with torch.no_grad():
-                y, h = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
+                out = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
             synchronize(case.device)
-            return {"y": y.detach(), "trace": h.detach()} if capture else None
+            return outputs(out) if capture else None
     else:
         def step(capture: bool = False):
             for p in params:
                 p.grad = None
-            y, h = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
-            torch.autograd.backward(y, args["grad_y"])
+            out = fn(args["x"], args["w"], args["alpha"], args["eta"], **kw)
+            torch.autograd.backward(out[0], args["grad_y"])
             synchronize(case.device)
             if not capture:
                 return None
-            return {"y": y.detach(), "trace": h.detach(), "grad_w": params[0].grad.clone(),
-                    "grad_alpha": params[1].grad.clone(), "grad_eta": params[2].grad.clone()}
+            res = outputs(out)
+            res.update({f"grad_{k}": p.grad.clone() for k, p in zip(names, params) if p.grad is not None})
+            return res
     return step
 
 

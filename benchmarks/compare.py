@@ -4,6 +4,7 @@
     python -m benchmarks.compare --device cpu --quick --out results/quick-cpu
     python -m benchmarks.compare --device cuda --sizes 128 512 1000 --batches 1 8 32 128 --out results/sweep-cuda
     python -m benchmarks.compare --device cpu --sizes 100 --batches 32 --steps 200 --mode fwdbwd --episodes every:50 --impls fused,fused-unmasked,fused-split,eager --out results/episodes-cpu
+    python -m benchmarks.compare --device cpu --sizes 1000 --batches 1 --steps 106 --mode fwdbwd --neuromodulation none,simple,retroactive --memory --out results/neuro-cpu
 
 Every case runs in a fresh child process (benchmarks/_child.py) that holds all the requested
 implementations at once and times them in interleaved rounds, so their ratio is measured under the
@@ -27,6 +28,14 @@ run of steps between boundaries, zeroing the state of the rows that reset (fused
 the mask saves), eager passes them to the reference. Both ratios come with the spread of their
 per-round values (the rounds are interleaved, so a round's samples are paired), and fused-split's
 outputs and gradients are checked against fused's.
+
+Neuromodulation (--neuromodulation none,simple,retroactive; Backpropamine, docs/op_spec.md): simple is
+rule add with self-generated modulation (mod_weight, mod_bias, mod_fanout_weight, mod_fanout_bias,
+learned), retroactive adds eligibility traces (eligibility_eta, learned, and an initial eligibility);
+the other options' rules apply to none only. fused and eager run the neuromodulated op, fused-hebb the
+fused op on the same inputs with rule hebb and no neuromodulation (today's hebb op), so fused/fused-hebb
+is what the neuromodulation costs and eager/fused what the fused kernel saves on the same math, both
+with the spread of their per-round values; with --memory, fused/fused-hebb of the peak memory too.
 
 Outputs in --out: results.json (every figure and raw sample), results.csv (one row per case and
 implementation), results.md (the table, with machine, date, torch version and command), and
@@ -61,6 +70,13 @@ HEADLINE = {"cpu": dict(n=1000, batches=[1, 8], steps=106), "cuda": dict(n=1001,
 
 
 EPISODE_TARGETS = {"fused/fused-unmasked": ("<=", 1.05), "fused-split/fused": (">=", 4.0)}
+# Neuromodulation (reported, never asserted): per variant and ratio, (operator, bound, batches the target
+# is set for); all at plastic_rnn forward+backward, N=1000, T=106 on the CPU (NEURO_TARGET_CASE).
+NEURO_TARGETS = {
+    "simple": {"fused/fused-hebb": ("<=", 1.3, (1, 8)), "eager/fused": (">=", 8.0, (1,))},
+    "retroactive": {"fused/fused-hebb": ("<=", 2.2, (1, 8)), "eager/fused": (">=", 8.0, (1,))},
+}
+NEURO_TARGET_CASE = dict(form="rnn", mode="fwdbwd", n=1000, steps=106, device="cpu")
 
 
 def _episodes(text: str) -> str:
@@ -69,6 +85,15 @@ def _episodes(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc))
     return text
+
+
+def _neuromodulations(text: str) -> List[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in H.NEUROMODULATIONS]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"neuromodulation must be among {', '.join(H.NEUROMODULATIONS)}, "
+                                         f"got {text!r}")
+    return items
 
 
 def _csv_list(kind: str, allowed=None):
@@ -105,13 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"batch sizes B (default cpu {SWEEP['batches']['cpu']}, cuda {SWEEP['batches']['cuda']})")
     p.add_argument("--steps", type=int, nargs="+", metavar="T", help=f"sequence lengths T (default {SWEEP['steps']})")
     p.add_argument("--impls", type=_csv_list("implementation", H.ALL_IMPLS), default=None,
-                   help="comma-separated implementations among fused,eager,compile,fused-unmasked,fused-split "
-                        "(default fused,eager,compile; fused,eager with --quick and --headline; "
-                        "fused,fused-unmasked,fused-split,eager with --episodes other than none)")
+                   help="comma-separated implementations among fused,eager,compile,fused-unmasked,fused-split,"
+                        "fused-hebb (default fused,eager,compile; fused,eager with --quick and --headline; "
+                        "fused,fused-unmasked,fused-split,eager with --episodes other than none; "
+                        "fused,fused-hebb,eager with --neuromodulation other than none, fused-hebb after the "
+                        "episodes' ones when both are given)")
     p.add_argument("--episodes", type=_episodes, nargs="+", default=["none"], metavar="SPEC",
                    help="episode structure of each row, crossed with the other options: none (one episode, "
                         "the default), every:K (a reset every K steps, each row at its own offset "
                         "(b * K // B) mod K), lengths (row lengths uniform in [T/2, T] from --seed)")
+    p.add_argument("--neuromodulation", type=_neuromodulations, nargs="+", default=[["none"]], metavar="LIST",
+                   help="Backpropamine variants, comma- or space-separated, crossed with the other options: "
+                        "none (the op as before, the default), simple (rule add + self-generated modulation "
+                        "mod_weight, mod_bias, mod_fanout_weight, mod_fanout_bias), retroactive (simple + "
+                        "eligibility traces: eligibility_eta and an initial eligibility); simple and "
+                        "retroactive use rule add whatever --rules says")
     p.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default=None,
                    help="forward only (no autograd graph), forward+backward, or both (default both; "
                         "fwdbwd with --headline)")
@@ -173,6 +206,11 @@ def resolve_settings(a: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     episodes = a.episodes != ["none"]
     if a.headline and episodes:
         parser.error("--headline has no episodes; use --sizes 1000 --batches 8 --steps 106 --episodes ...")
+    a.neuromodulation = list(dict.fromkeys(v for group in a.neuromodulation for v in group))
+    neuro = a.neuromodulation != ["none"]
+    if a.headline and neuro:
+        parser.error("--headline has no neuromodulation; use --sizes 1000 --batches 1 8 --steps 106 "
+                     "--mode fwdbwd --neuromodulation ...")
     if any(v < 1 for v in (a.sizes or []) + (a.batches or []) + (a.steps or [])):
         parser.error("--sizes, --batches and --steps must be positive integers")
     if a.device == "cuda":
@@ -181,6 +219,8 @@ def resolve_settings(a: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error("--device cuda: torch sees no CUDA device on this machine "
                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
     small = a.quick or a.headline
+    if not a.impls and neuro:
+        a.impls = ["fused"] + (["fused-unmasked", "fused-split"] if episodes else []) + ["fused-hebb", "eager"]
     a.impls = a.impls or (["fused", "fused-unmasked", "fused-split", "eager"] if episodes
                           else ["fused", "eager"] if small else list(H.IMPLS))
     a.mode = a.mode or ("fwdbwd" if a.headline else "both")
@@ -216,11 +256,12 @@ def build_cases(a: argparse.Namespace) -> List[H.Case]:
     sizes = a.sizes or base["sizes"]
     batches = a.batches or (base["batches"][a.device] if isinstance(base["batches"], dict) else base["batches"])
     steps = a.steps or base["steps"]
-    cases = [H.Case(form=f, n=n, batch=b, steps=t, rule=r, activation=act, alpha=a.alpha, mode=m,
-                    device=a.device, seed=a.seed, episodes=ep)
-             for ep in a.episodes for f in a.forms for r in a.rules for act in a.activations for m in modes
-             for n in sizes for t in steps for b in batches]
-    return cases
+    # The neuromodulated variants are defined with rule add: --rules applies to neuromodulation=none.
+    cases = [H.Case(form=f, n=n, batch=b, steps=t, rule=r if nm == "none" else H.NEURO_RULE, activation=act,
+                    alpha=a.alpha, mode=m, device=a.device, seed=a.seed, episodes=ep, neuromodulation=nm)
+             for ep in a.episodes for f in a.forms for nm in a.neuromodulation for r in a.rules
+             for act in a.activations for m in modes for n in sizes for t in steps for b in batches]
+    return list(dict.fromkeys(cases))  # a neuromodulated case once, whatever the number of --rules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,10 +473,20 @@ def run_case(case: H.Case, recs: List[dict], a: argparse.Namespace, runner: Chil
     if case.episodes != "none":
         for row in rows.values():
             row["boundaries"] = len(H.episode_boundaries(case))
+    # Neuromodulation: what it costs against today's hebb op (fused/fused-hebb) and what the fused kernel
+    # saves on the same math (eager/fused), paired per round; the memory ratio where measured. On a case
+    # without neuromodulation fused-hebb is fused itself: fused/fused-hebb is then the noise of the run.
+    if "fused-hebb" in rows:
+        for name, (num, den) in NEURO_RATIOS.items():
+            if num in med and den in med:
+                rows["fused"].update(paired_ratio(rows[num], rows[den], name))
+        if mem.get("fused") and mem.get("fused-hebb"):
+            rows["fused"]["mem_fused_over_fused_hebb"] = mem["fused"] / mem["fused-hebb"]
     return {"case": case.to_dict(), "rows": list(rows.values()), "records": records, "env": env}
 
 
 EPISODE_RATIOS = {"fused/fused-unmasked": ("fused", "fused-unmasked"), "fused-split/fused": ("fused-split", "fused")}
+NEURO_RATIOS = {"fused/fused-hebb": ("fused", "fused-hebb"), "eager/fused": ("eager", "fused")}
 
 
 def ratio_key(name: str) -> str:
@@ -473,9 +524,12 @@ def _cell(row: Optional[dict], key: str, fmt: str) -> str:
 def markdown_table(results: List[dict], impls: List[str]) -> str:
     """One line per case: medians (ms), ratios eager/x and compile/x, peak memories (MB)."""
     episodes = any(res["case"].get("episodes", "none") != "none" for res in results)
+    neuro = any(res["case"].get("neuromodulation", "none") != "none" for res in results)
     ratios = [n for n, (x, y) in EPISODE_RATIOS.items() if x in impls and y in impls]
+    if neuro or "fused-hebb" in impls:
+        ratios += [n for n, (x, y) in NEURO_RATIOS.items() if x in impls and y in impls]
     head = ["form", "mode", "N", "B", "T", "rule/act"] + (["episodes", "boundaries"] if episodes else []) \
-        + [f"{i} ms" for i in impls]
+        + (["neuromodulation"] if neuro else []) + [f"{i} ms" for i in impls]
     if "eager" in impls:
         head += [f"eager/{i}" for i in impls if i != "eager"]
     if "compile" in impls and "fused" in impls:
@@ -486,6 +540,9 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
     has_mem = any(r.get("peak_mb") is not None for res in results for r in res["rows"])
     if has_mem:
         head += [f"{i} MB" for i in impls]
+    neuro_mem = neuro and has_mem and "fused" in impls and "fused-hebb" in impls
+    if neuro_mem:
+        head += ["fused/fused-hebb MB"]
     if "compile" in impls:
         head += ["compile s"]
     if any(r.get("trace_gbs") for res in results for r in res["rows"]):
@@ -497,6 +554,8 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
         cells = [c["form"], c["mode"], str(c["n"]), str(c["batch"]), str(c["steps"]), f"{c['rule']}/{c['activation']}"]
         if episodes:
             cells += [c.get("episodes", "none"), _f(by[impls[0]].get("boundaries", 0), "{}")]
+        if neuro:
+            cells += [c.get("neuromodulation", "none")]
         cells += [_cell(by.get(i), "median_ms", "{:.3g}") for i in impls]
         if "eager" in impls:
             cells += [_f(by[i].get("speedup_vs_eager"), "{:.2f}x") for i in impls if i != "eager"]
@@ -510,6 +569,8 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
             cells += [_f(by["fused-split"].get("max_rel_err_vs_fused"), "{:.1e}")]
         if has_mem:
             cells += [_f(by[i].get("peak_mb"), "{:.0f}") for i in impls]
+        if neuro_mem:
+            cells += [_f(by["fused"].get("mem_fused_over_fused_hebb"), "{:.2f}x")]
         if "compile" in impls:
             row = by["compile"]
             cells += [_f(row.get("compile_s"), "{:.0f}") if row["status"] != "timeout" else "timeout"]
@@ -518,9 +579,11 @@ def markdown_table(results: List[dict], impls: List[str]) -> str:
             cells += [_f(f.get("trace_gbs"), "{:.0f}"), _f(f.get("copy_gbs"), "{:.0f}"),
                       _f(f.get("bw_fraction"), "{:.0%}")]
         lines.append("| " + " | ".join(cells) + " |")
-    targets = episode_verdicts(results, ratios)
+    targets = episode_verdicts(results, ratios) + neuro_verdicts(results, ratios)
     notes = sorted({f"{r['impl']} at {res['case']['form']} {res['case']['mode']} N={res['case']['n']} "
-                    f"B={res['case']['batch']} T={res['case']['steps']}: {r['status']}: "
+                    f"B={res['case']['batch']} T={res['case']['steps']}"
+                    + (f" neuromodulation={r['neuromodulation']}" if r.get("neuromodulation", "none") != "none" else "")
+                    + f": {r['status']}: "
                     f"{(r['error'] or '-').splitlines()[0][:200]}"
                     for res in results for r in res["rows"] if r["status"] != "ok"})
     if notes:
@@ -539,6 +602,8 @@ def episode_verdicts(results: List[dict], ratios: List[str]) -> List[str]:
             continue
         f = next((r for r in res["rows"] if r["impl"] == "fused"), {})
         for n in ratios:
+            if n not in EPISODE_TARGETS:
+                continue
             k = ratio_key(n)
             if f.get(k) is None:
                 continue
@@ -549,6 +614,41 @@ def episode_verdicts(results: List[dict], ratios: List[str]) -> List[str]:
                        f"quartiles [{f[k + '_round_q1']:.3f}, {f[k + '_round_q3']:.3f}], range "
                        f"[{f[k + '_round_min']:.3f}, {f[k + '_round_max']:.3f}], {f.get('rounds')} rounds); "
                        f"target {op} {tgt:g}x: {'met' if ok else 'not met'}")
+    return out
+
+
+def neuro_verdicts(results: List[dict], ratios: List[str]) -> List[str]:
+    """A line per neuromodulated case and ratio with a target: the ratio of medians against it (never
+    asserted), and the memory ratio; a case other than the one the target is set for says so."""
+    out = []
+    for res in results:
+        c = res["case"]
+        variant = c.get("neuromodulation", "none")
+        if variant == "none":
+            continue
+        f = next((r for r in res["rows"] if r["impl"] == "fused"), {})
+        where = f"{c['form']} {c['mode']} N={c['n']} B={c['batch']} T={c['steps']} neuromodulation={variant}"
+        for n in ratios:
+            if n not in NEURO_TARGETS[variant]:
+                continue
+            k = ratio_key(n)
+            if f.get(k) is None:
+                continue
+            op, tgt, batches = NEURO_TARGETS[variant][n]
+            ok = f[k] <= tgt if op == "<=" else f[k] >= tgt
+            set_for = all(c.get(key) == v for key, v in NEURO_TARGET_CASE.items()) and c["batch"] in batches
+            scope = "" if set_for else (
+                f" (the target is set for {NEURO_TARGET_CASE['form']} {NEURO_TARGET_CASE['mode']} "
+                f"N={NEURO_TARGET_CASE['n']} T={NEURO_TARGET_CASE['steps']} B in {{{', '.join(map(str, batches))}}} "
+                f"on the {NEURO_TARGET_CASE['device']})")
+            out.append(f"- {where}: {n} = {f[k]:.3f}x of medians (per round: median {f[k + '_round_median']:.3f}x, "
+                       f"quartiles [{f[k + '_round_q1']:.3f}, {f[k + '_round_q3']:.3f}], range "
+                       f"[{f[k + '_round_min']:.3f}, {f[k + '_round_max']:.3f}], {f.get('rounds')} rounds); "
+                       f"target {op} {tgt:g}x: {'met' if ok else 'not met'}{scope}")
+        if f.get("mem_fused_over_fused_hebb") is not None:
+            out.append(f"- {where}: peak memory fused/fused-hebb = {f['mem_fused_over_fused_hebb']:.2f}x "
+                       f"({f['peak_mb']:.0f} MB against "
+                       f"{next(r for r in res['rows'] if r['impl'] == 'fused-hebb')['peak_mb']:.0f} MB)")
     return out
 
 
@@ -616,18 +716,22 @@ ROW_FIELDS = ["form", "mode", "device", "n", "batch", "steps", "rule", "activati
 # Columns added only when some row has them (runs without episodes keep the columns above).
 EPISODE_FIELDS = ["episodes", "boundaries", "max_rel_err_vs_fused"] + [
     ratio_key(n) + s for n in EPISODE_RATIOS for s in ("", "_round_median", "_round_q1", "_round_q3")]
+NEURO_FIELDS = ["neuromodulation"] + [
+    ratio_key(n) + s for n in NEURO_RATIOS for s in ("", "_round_median", "_round_q1", "_round_q3")] + [
+    "mem_fused_over_fused_hebb"]
 
 
 def write_outputs(out: Path, results: List[dict], a: argparse.Namespace, command: str, env: dict) -> str:
     rows = [r for res in results for r in res["rows"]]
     # episodes=none (the default) leaves the settings as they were before the option existed.
-    settings = {k: v for k, v in vars(a).items() if not (k == "episodes" and v == ["none"])}
+    settings = {k: v for k, v in vars(a).items()
+                if not (k in ("episodes", "neuromodulation") and v == ["none"])}
     (out / "results.json").write_text(json.dumps(
         {"command": command, "env": env, "settings": settings, "rows": rows,
          "targets": TARGETS.get(a.device, {}) if a.headline else {},
          "cases": [{"case": res["case"], "records": res["records"]} for res in results]}, indent=1, default=str) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
-        fields = ROW_FIELDS + [k for k in EPISODE_FIELDS if any(k in r for r in rows)]
+        fields = ROW_FIELDS + [k for k in EPISODE_FIELDS + NEURO_FIELDS if any(k in r for r in rows)]
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -676,8 +780,14 @@ def main(argv=None) -> int:
     if not a.no_plot:
         from benchmarks.plot import plot_time_vs_batch
         title = env.get("gpu") or env.get("cpu_model", "")
-        for path in plot_time_vs_batch([r for res in results for r in res["rows"]], out / "time_vs_batch.png", title):
-            print(f"figure: {path}")
+        rows = [r for res in results for r in res["rows"]]
+        # One figure per neuromodulation variant (simple and retroactive share rule add): time_vs_batch.png
+        # for none, time_vs_batch-<variant>.png for the others.
+        for nm in dict.fromkeys(r.get("neuromodulation", "none") for r in rows):
+            sel = [r for r in rows if r.get("neuromodulation", "none") == nm]
+            name = "time_vs_batch.png" if nm == "none" else f"time_vs_batch-{nm}.png"
+            for path in plot_time_vs_batch(sel, out / name, title + ("" if nm == "none" else f", {nm}")):
+                print(f"figure: {path}")
     print(md)
     print(f"written: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}")
     return 0

@@ -645,13 +645,7 @@ PLASTIC_OPS_INLINE std::pair<scalar_t, scalar_t> backward_row(const BackwardRow<
     }
     if constexpr (UPDATE) {
       if constexpr (CLIP) {
-        // hebb and oja without eligibility keep the select, with which their row loop stays scalar
-        // and their gradients keep the bits (the order of the row sums) they have always had
-        if constexpr (R == Rule::Add || EU) {
-          g = clamp_mask(g, hpre, c);
-        } else {
-          g = (hpre >= -c && hpre <= c) ? g : scalar_t(0);
-        }
+        g = clamp_mask(g, hpre, c);
       }
       // Terms kept apart as autograd keeps them on the reference (no factoring), so an
       // infinite g gives inf - inf = NaN exactly where the reference does.

@@ -30,7 +30,15 @@ namespace fused {
 // zero_pre) under a RESET of tb and adds nothing under its SKIP; after it a RESET of tb zeroes G (the
 // old trace was overwritten). The sums toward dL/dp of a step that is skipped, or reset in the
 // recurrent form, are zero (its pre was the constant 0 there).
-template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE, bool STEPS>
+// ADD, ELIG: the neuromodulation options (docs/op_spec.md, "Neuromodulation"); e_a holds the rates r_m.
+// ADD: the update half has no decay (G passes through the update unchanged). ELIG: Hm and Gin/Gout hold
+// two planes at an offset of B * N_in * N_out, (H_m, E_m) and (G, F = dL/dE); the update half takes
+// the increment E_m and runs the eligibility update backward: F becomes dL/dE_m = Gp r + F (1 - q),
+// F q p is summed over i into dy_part and F q y over j toward dL/dp_m, and the sum over i of
+// F p y - F E_m (dL/dq) is added to this thread's own slot dq_part[z, tile, j] (over all passes). A
+// RESET of tb zeroes F with G; a SKIP of m passes both; the drive half alone passes F on.
+template <typename scalar_t, typename trace_t, bool OJA, bool DRIVE, bool UPDATE, bool STEPS, bool ADD = false,
+          bool ELIG = false>
 __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
     const trace_t* __restrict__ Hm, const acc_type<scalar_t>* Gin, acc_type<scalar_t>* Gout, bool g_zero,
     const scalar_t* __restrict__ p_a, const scalar_t* __restrict__ y_a, const scalar_t* __restrict__ e_a,
@@ -39,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
     const scalar_t* __restrict__ w, const scalar_t* __restrict__ alpha, acc_type<scalar_t>* __restrict__ dalpha_part,
     acc_type<scalar_t>* __restrict__ dp_b, bool dp_b_add, int64_t B, int64_t n_in, int64_t n_out, int64_t n_warps_j,
     int64_t chunk, bool has_clip, acc_type<scalar_t> clip, const uint8_t* __restrict__ f_a,
-    const uint8_t* __restrict__ f_b, bool zero_pre) {
+    const uint8_t* __restrict__ f_b, bool zero_pre, const scalar_t* __restrict__ q_rate,
+    acc_type<scalar_t>* __restrict__ dq_part) {
   using acc_t = acc_type<scalar_t>;
   constexpr int NV = (DRIVE ? kTile : 0) + (UPDATE ? kTile : 0);  // values summed over j per i
   constexpr int kLanesPerValue = 32 / NV;
@@ -57,16 +66,19 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
   const int64_t i0 = z * chunk;
   const int64_t i1 = i0 + chunk < n_in ? i0 + chunk : n_in;
   const int64_t plane = n_in * n_out;
+  const int64_t eo = B * plane;  // offset of the E and F planes
+  const acc_t q = ELIG && UPDATE ? static_cast<acc_t>(*q_rate) : acc_t(0);
+  acc_t dq = 0;
 
   acc_t ya[kTile], ea[kTile], gab[kTile], de[kTile], dy[kTile];
-  trace_t h_next[kTile];
-  acc_t g_next[kTile];
+  trace_t h_next[kTile], e_next[kTile];
+  acc_t g_next[kTile], f_next[kTile];
   uint8_t fa[kTile], fb[kTile];
 #pragma unroll
   for (int k = 0; k < kTile; ++k) {
     ya[k] = ea[k] = gab[k] = de[k] = dy[k] = acc_t(0);
-    h_next[k] = trace_t(0);
-    g_next[k] = acc_t(0);
+    h_next[k] = e_next[k] = trace_t(0);
+    g_next[k] = f_next[k] = acc_t(0);
     fa[k] = fb[k] = 0;
     if (valid && k < nb) {
       if (STEPS) {
@@ -83,20 +95,30 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
         const int64_t o = (b0 + k) * plane + i0 * n_out + j;
         h_next[k] = Hm[o];
         if (!g_zero) g_next[k] = Gin[o];
+        if (ELIG) {
+          if (UPDATE) e_next[k] = Hm[eo + o];
+          if (!g_zero) f_next[k] = Gin[eo + o];
+        }
       }
     }
   }
   for (int64_t i = i0; i < i1; ++i) {
-    trace_t h_cur[kTile];
-    acc_t g_cur[kTile];
+    trace_t h_cur[kTile], e_cur[kTile];
+    acc_t g_cur[kTile], f_cur[kTile];
 #pragma unroll
     for (int k = 0; k < kTile; ++k) {
       h_cur[k] = h_next[k];
       g_cur[k] = g_next[k];
+      e_cur[k] = e_next[k];
+      f_cur[k] = f_next[k];
       if (valid && k < nb && i + 1 < i1) {
         const int64_t o = (b0 + k) * plane + (i + 1) * n_out + j;
         h_next[k] = Hm[o];
         if (!g_zero) g_next[k] = Gin[o];
+        if (ELIG) {
+          if (UPDATE) e_next[k] = Hm[eo + o];
+          if (!g_zero) f_next[k] = Gin[eo + o];
+        }
       }
     }
     const int64_t wo = i * n_out + j;
@@ -111,13 +133,16 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
         const int64_t r = (b0 + k) * n_in + i;
         acc_t h = static_cast<acc_t>(h_cur[k]);
         acc_t g = g_zero ? acc_t(0) : g_cur[k];
+        acc_t el = ELIG ? static_cast<acc_t>(e_cur[k]) : acc_t(0);
+        acc_t f = ELIG && !g_zero ? f_cur[k] : acc_t(0);
         acc_t pa = UPDATE ? static_cast<acc_t>(p_a[r]) : acc_t(0);
-        if (STEPS && UPDATE && (fa[k] & kReset)) {  // step m ran on H = 0 (and p = 0)
+        if (STEPS && UPDATE && (fa[k] & kReset)) {  // step m ran on H = 0, E = 0 (and p = 0)
           h = acc_t(0);
+          el = acc_t(0);
           if (zero_pre) pa = acc_t(0);
         }
         const bool skip_a = STEPS && UPDATE && (fa[k] & kSkip);
-        const acc_t hpre = UPDATE ? updated_trace<OJA>(h, pa, ya[k], ea[k]) : h;
+        const acc_t hpre = UPDATE ? neuro_trace<OJA, ADD, ELIG>(h, pa, ya[k], ea[k], el) : h;
         // H_tb, as the forward had it
         const acc_t hb = UPDATE ? (skip_a ? h : stored_trace<trace_t>(hpre, has_clip, clip)) : h;
         if (DRIVE && !(STEPS && (fb[k] & kSkip))) {
@@ -132,13 +157,28 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
           sb = gab[k] * wv + gab[k] * (av * hd);
           if (STEPS && zero_pre && (fb[k] & kReset)) sb = acc_t(0);
         }
-        if (STEPS && DRIVE && (fb[k] & kReset)) g = acc_t(0);  // nothing flows into the trace before tb
+        if (STEPS && DRIVE && (fb[k] & kReset)) {  // nothing flows into the traces before tb
+          g = acc_t(0);
+          f = acc_t(0);
+        }
         if (UPDATE && !skip_a) {
           if (has_clip && !(hpre >= -clip && hpre <= clip)) g = acc_t(0);
           const acc_t yv = ya[k], ev = ea[k];
           // Terms kept apart as autograd keeps them on the reference (no factoring), so an infinite
           // g gives inf - inf = NaN exactly where the reference does.
-          if (OJA) {
+          if (ELIG) {
+            // H: Hpre = h + r E (ADD) or (1 - r) h + r E; E_{m+1} = (1 - q) E + q p y
+            de[k] += ADD ? g * el : g * el - g * h;
+            dq += f * (pa * yv) - f * el;
+            dy[k] += f * q * pa;
+            sa = f * q * yv;
+            f = g * ev + f * (acc_t(1) - q);
+            if (!ADD) g = g * (acc_t(1) - ev);
+          } else if (ADD) {
+            de[k] += g * (pa * yv);
+            dy[k] += g * ev * pa;
+            sa = g * ev * yv;
+          } else if (OJA) {
             const acc_t gey = g * ev * yv;
             de[k] += g * yv * (pa - h * yv);
             dy[k] += g * ev * (pa - h * yv) - gey * h;
@@ -153,6 +193,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
           if (STEPS && zero_pre && (fa[k] & kReset)) sa = acc_t(0);
         }
         Gout[(b0 + k) * plane + wo] = g;
+        if (ELIG) Gout[eo + (b0 + k) * plane + wo] = f;
       }
       if (DRIVE) sums[k] = sb;
       if (UPDATE) sums[(DRIVE ? kTile : 0) + k] = sa;
@@ -180,6 +221,7 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
       de_part[c] = de[k];
       dy_part[c] = dy[k];
     }
+    if (ELIG) dq_part[(z * gridDim.y + tile) * n_out + j] += dq;
   }
 }
 
@@ -192,7 +234,11 @@ __global__ void __launch_bounds__(kThreads) fused_backward_pass_kernel(
 // Softmax keeps the total dL/dy_m in dy_part[0, b, :] (in acc_t) until sum_k g_k y_k is known; each
 // thread rewrites only the entries it has read. STEPS: a row whose flags f_m[b] have SKIP had the
 // constant y_m = 0: ga_m and dL/de_m are zero there, grad_y_m is ignored.
-template <typename scalar_t, bool STEPS>
+// MOD (self-generated modulation, docs/op_spec.md, "Neuromodulation"): the sum of de_part is dL/dr_m;
+// with s = s_m[b] and M = modulation_factor(s), dL/dM = dL/dr_m e_m goes to dM_m, dL/de_m = dL/dr_m M,
+// dz = (sum_j dL/dM[j] mod_fanout_weight[j]) (1 - s^2) (a block sum) goes to dz_m[b], and
+// dz mod_weight[j] joins the total dL/dy_m before act'. A skipped row gets dM = 0 and dz = 0.
+template <typename scalar_t, bool STEPS, bool MOD = false>
 __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ dp_slots, int64_t n_warps_j,
                                          int64_t n_in, scalar_t* __restrict__ dp_out, bool carry, bool act_step,
                                          acc_type<scalar_t>* __restrict__ dy_part,
@@ -200,7 +246,10 @@ __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ 
                                          bool has_update, const scalar_t* __restrict__ grad_y_m,
                                          const scalar_t* __restrict__ y_m, scalar_t* __restrict__ ga_m,
                                          scalar_t* __restrict__ ge_m, int64_t B, int64_t n_out, int act,
-                                         const uint8_t* __restrict__ f_m) {
+                                         const uint8_t* __restrict__ f_m, const scalar_t* __restrict__ e_m,
+                                         const acc_type<scalar_t>* __restrict__ s_m,
+                                         const scalar_t* __restrict__ mod, acc_type<scalar_t>* __restrict__ dM_m,
+                                         acc_type<scalar_t>* __restrict__ dz_m) {
   using acc_t = acc_type<scalar_t>;
   __shared__ acc_t shm[32];
   const int64_t b = blockIdx.x;
@@ -217,8 +266,30 @@ __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ 
     for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
       ga_m[b * n_out + j] = scalar_t(0);
       ge_m[b * n_out + j] = scalar_t(0);
+      if (MOD) dM_m[b * n_out + j] = acc_t(0);
     }
+    if (MOD && threadIdx.x == 0) dz_m[b] = acc_t(0);
     return;
+  }
+  acc_t dz = 0;
+  if (MOD) {
+    const acc_t sv = s_m[b];
+    acc_t ds = 0;
+    for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x) {
+      const int64_t r = b * n_out + j;
+      acc_t dr = 0, dM = 0, ge = 0;
+      if (has_update) {  // else dL/dr_m is zero (no gradient reached step m's update)
+        for (int64_t z = 0; z < n_split; ++z) dr += de_part[z * B * n_out + r];
+        dM = dr * static_cast<acc_t>(e_m[r]);
+        ge = dr * modulation_factor(mod, n_out, j, sv);
+      }
+      ge_m[r] = static_cast<scalar_t>(ge);
+      dM_m[r] = dM;
+      ds += dM * static_cast<acc_t>(mod[n_out + j]);
+    }
+    ds = block_all_reduce<false>(ds, shm);
+    dz = ds * (acc_t(1) - sv * sv);
+    if (threadIdx.x == 0) dz_m[b] = dz;
   }
   const bool softmax = static_cast<Act>(act) == Act::Softmax;
   acc_t dot = 0;
@@ -234,10 +305,14 @@ __global__ void fused_step_finish_kernel(const acc_type<scalar_t>* __restrict__ 
     if (has_update) {
       for (int64_t z = 0; z < n_split; ++z) {
         g += dy_part[z * B * n_out + r];
-        se += de_part[z * B * n_out + r];
+        if (!MOD) se += de_part[z * B * n_out + r];
       }
     }
-    ge_m[r] = static_cast<scalar_t>(se);
+    if (MOD) {
+      g += dz * static_cast<acc_t>(mod[j]);  // the modulation's own dL/dy_m
+    } else {
+      ge_m[r] = static_cast<scalar_t>(se);
+    }
     const acc_t yv = static_cast<acc_t>(y_m[r]);
     if (softmax) {
       dy_part[r] = g;

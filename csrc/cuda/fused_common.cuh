@@ -67,23 +67,93 @@ __device__ __forceinline__ acc_t stored_trace(acc_t hpre, bool has_clip, acc_t c
   return static_cast<acc_t>(static_cast<trace_t>(h));
 }
 
+// 16-bit inputs run on the fused kernels from float32 copies; with neuromodulation, y_t is rounded to
+// their dtype as soon as it is computed (docs/op_spec.md, "Dtypes"), so that the rates computed from it
+// in the forward and from the returned y in the backward are the same. round_y: kRoundNone (every
+// other call: y_t is stored as computed), kRoundBFloat16 or kRoundHalf.
+constexpr int kRoundNone = 0, kRoundBFloat16 = 1, kRoundHalf = 2;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t round_stored(acc_t v, int round_y) {
+  if (round_y == kRoundBFloat16) return static_cast<acc_t>(static_cast<c10::BFloat16>(v));
+  if (round_y == kRoundHalf) return static_cast<acc_t>(static_cast<c10::Half>(v));
+  return v;
+}
+
+// Hpre_t from H_{t-1} with the neuromodulation options (docs/op_spec.md, "Neuromodulation"): ADD, the
+// additive rule (no decay); ELIG, the increment is the eligibility trace el = E_{t-1} instead of p y.
+// r is the rate r_{t-1} (e, or e * M with self-generated modulation). Without either option this is
+// updated_trace itself.
+template <bool OJA, bool ADD, bool ELIG, typename acc_t>
+__device__ __forceinline__ acc_t neuro_trace(acc_t h, acc_t p, acc_t y, acc_t r, acc_t el) {
+  if constexpr (!ADD && !ELIG) {
+    (void)el;
+    return updated_trace<OJA>(h, p, y, r);
+  } else {
+    static_assert(!OJA, "Oja's rule has no additive or eligibility form");
+    const acc_t inc = ELIG ? mul_rn(r, el) : mul_rn(mul_rn(r, p), y);
+    if (ADD) return add_rn(h, inc);
+    return add_rn(mul_rn(acc_t(1) - r, h), inc);
+  }
+}
+
+// E_t from E_{t-1}: (1 - q) E + q (p y), not clipped; the caller rounds it to the trace's storage type.
+template <typename acc_t>
+__device__ __forceinline__ acc_t updated_eligibility(acc_t el, acc_t p, acc_t y, acc_t q) {
+  return add_rn(mul_rn(acc_t(1) - q, el), mul_rn(q, mul_rn(p, y)));
+}
+
 // Per-row step flags, steps[t, b] of the op's optional (T, B) uint8 tensor, with the bits kReset and
 // kSkip of ../plastic_common.h (docs/op_spec.md, "Episode resets and lengths"). Every kernel that reads
 // them has a template parameter STEPS: without it the flags are never read and the code is the same as
 // without the argument.
 
-// The trace carried out of step t from the trace h carried into it: RESET zeroes h (and p when
-// zero_pre: the recurrent form), SKIP passes it on, else the update and the clamp, stored. The
-// forward sweep and every recomputation go through this, so they apply the flags bit for bit alike.
-template <bool OJA, bool STEPS, typename trace_t, typename acc_t>
-__device__ __forceinline__ acc_t stepped_trace(acc_t h, acc_t p, acc_t y, acc_t e, uint8_t flags, bool zero_pre,
-                                               bool has_clip, acc_t clip) {
+// The traces carried out of step t from those carried into it: h (H) and, with ELIG, el (E). RESET
+// zeroes both (and p when zero_pre: the recurrent form), SKIP passes them on, else the update and the
+// clamp of H and the update of E, each stored (rounded to trace_t). The forward sweep and every
+// recomputation go through this, so they apply the flags and the rules bit for bit alike.
+template <bool OJA, bool STEPS, bool ADD, bool ELIG, typename trace_t, typename acc_t>
+__device__ __forceinline__ void stepped_traces(acc_t& h, acc_t& el, acc_t p, acc_t y, acc_t r, acc_t q,
+                                               uint8_t flags, bool zero_pre, bool has_clip, acc_t clip) {
   if (STEPS && (flags & kReset)) {
     h = acc_t(0);
+    if (ELIG) el = acc_t(0);
     if (zero_pre) p = acc_t(0);
   }
-  if (STEPS && (flags & kSkip)) return h;
-  return stored_trace<trace_t>(updated_trace<OJA>(h, p, y, e), has_clip, clip);
+  if (STEPS && (flags & kSkip)) return;
+  const acc_t hn = stored_trace<trace_t>(neuro_trace<OJA, ADD, ELIG>(h, p, y, r, el), has_clip, clip);
+  if (ELIG) el = static_cast<acc_t>(static_cast<trace_t>(updated_eligibility(el, p, y, q)));
+  h = hn;
+}
+
+// M[j] = mod_fanout_weight[j] * s + mod_fanout_bias[j], in one order wherever it is computed.
+template <typename scalar_t>
+__device__ __forceinline__ acc_type<scalar_t> modulation_factor(const scalar_t* __restrict__ mod, int64_t n_out,
+                                                                int64_t j, acc_type<scalar_t> s) {
+  using acc_t = acc_type<scalar_t>;
+  return add_rn(mul_rn(static_cast<acc_t>(mod[n_out + j]), s), static_cast<acc_t>(mod[2 * n_out + j]));
+}
+
+// Self-generated modulation (docs/op_spec.md, "Neuromodulation") of one row (t, b), by a whole block
+// (every thread must call it): s = tanh(sum_k y[k] mod_weight[k] + mod_bias), then
+// r[j] = e[j] * (mod_fanout_weight[j] * s + mod_fanout_bias[j]) for the thread's j. mod is the (4, N_out)
+// canonical tensor (mod_bias at [3, 0]). The sum over k has one fixed order for a given block size:
+// each thread adds its j = threadIdx.x + n blockDim.x in order, then block_all_reduce. The forward's
+// activation kernel and the backward's recompute call this with blocks of kRowThreads threads on the
+// stored y, so the backward's rates are the forward's, bit for bit. Returns s.
+template <typename scalar_t>
+__device__ acc_type<scalar_t> modulated_rates(const scalar_t* __restrict__ y, const scalar_t* __restrict__ e,
+                                              const scalar_t* __restrict__ mod, scalar_t* __restrict__ r,
+                                              int64_t n_out, acc_type<scalar_t>* shm) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t dot = 0;
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x)
+    dot = add_rn(dot, mul_rn(static_cast<acc_t>(y[j]), static_cast<acc_t>(mod[j])));
+  dot = block_all_reduce<false>(dot, shm);
+  const acc_t s = dev_tanh(add_rn(dot, static_cast<acc_t>(mod[3 * n_out])));
+  for (int64_t j = threadIdx.x; j < n_out; j += blockDim.x)
+    r[j] = static_cast<scalar_t>(mul_rn(static_cast<acc_t>(e[j]), modulation_factor(mod, n_out, j, s)));
+  return s;
 }
 
 // Sums each of NV values (NV a power of 2, <= 32) over the 32 lanes of a warp, with NV - 1 +

@@ -587,6 +587,7 @@ using fused::fused_activation_forward_kernel;
 using fused::fused_backward_pass_kernel;
 using fused::fused_dalpha_reduce_kernel;
 using fused::fused_forward_sweep_kernel;
+using fused::fused_mod_rates_kernel;
 using fused::fused_step_finish_kernel;
 using fused::fused_update_steps_kernel;
 
@@ -648,20 +649,28 @@ at::TensorOptions acc_options(const at::Tensor& like) {
 // by the sweep of step 0), else the output trace, updated in place, which ends as H_T.
 // STEPS: sp is the (T, B) flags; the kernels of step t get its rows for t-1 and t (docs/cuda.md,
 // "Episode resets and lengths"). What is kept is always the trace carried into a step, before its RESET.
-template <typename scalar_t, typename trace_t, bool OJA, bool STEPS>
+// ADD, ELIG: the rule "add" and eligibility traces (docs/cuda.md, "Neuromodulation"): with ELIG every
+// trace (h0, H_T, each checkpoint) is a pair of planes (H, E), q at q_rate. mod (not null: self-generated
+// modulation): the activation of step t also writes the rates r_t into a (T, B, N_out) buffer, which
+// the trace kernels read in place of e.
+template <typename scalar_t, typename trace_t, bool OJA, bool STEPS, bool ADD, bool ELIG>
 void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                         const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Act act,
                         c10::optional<double> clip, const Dims& d, at::Tensor& y, at::Tensor& hT,
-                        at::Tensor& ckpts, const uint8_t* sp) {
+                        at::Tensor& ckpts, const uint8_t* sp, const scalar_t* mod, const scalar_t* q_rate,
+                        int round_y) {
   using acc_t = fused::acc_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_clip = clip.has_value();
   const acc_t c = has_clip ? static_cast<acc_t>(*clip) : acc_t(0);
   const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out;
+  const int64_t ts = ELIG ? 2 * hs : hs;  // elements of one kept trace (H, or H and E)
   const FusedGrid g = fused_grid(
       d.B, d.n_in, d.n_out,
-      resident_blocks(fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS>, fused::kThreads));
+      resident_blocks(fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS, ADD, ELIG>, fused::kThreads));
   at::Tensor part = at::empty({g.n_split, d.B, d.n_out}, acc_options<acc_t>(drive));
+  // with self-generated modulation, the rates r_t = e_t * M_t, written by the activation of step t
+  at::Tensor rates = mod != nullptr ? at::empty({d.T, d.B, d.n_out}, drive.options()) : at::Tensor();
 
   scalar_t* yp = y.data_ptr<scalar_t>();
   trace_t* hp = hT.data_ptr<trace_t>();
@@ -670,33 +679,46 @@ void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor&
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const scalar_t* ap = alpha.data_ptr<scalar_t>();
   const scalar_t* ep = e.data_ptr<scalar_t>();
+  scalar_t* rp = mod != nullptr ? rates.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* up = mod != nullptr ? rp : ep;  // the rates the updates use
   const scalar_t* dp = drive.data_ptr<scalar_t>();
   acc_t* partp = part.data_ptr<acc_t>();
   const fused::PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
-  auto slot = [&](int64_t t) -> trace_t* { return d.K > 0 && t % d.K == 0 ? cp + (t / d.K) * hs : hp; };
+  auto slot = [&](int64_t t) -> trace_t* { return d.K > 0 && t % d.K == 0 ? cp + (t / d.K) * ts : hp; };
   auto flags = [&](int64_t t) -> const uint8_t* { return STEPS ? sp + t * d.B : nullptr; };  // row of step t
 
   const trace_t* cur = h0p;  // holds H_t
   for (int64_t t = 0; t < d.T; ++t) {
     if (t == 0) {
-      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, false, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
-          h0p, cp, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B, d.n_in, d.n_out, g.chunk, has_clip, c,
-          nullptr, flags(0), recurrent);
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, false, STEPS, ADD, ELIG>
+          <<<g.grid, fused::kThreads, 0, stream>>>(h0p, cp, nullptr, nullptr, nullptr, P.at(0), wp, ap, partp, d.B,
+                                                   d.n_in, d.n_out, g.chunk, has_clip, c, nullptr, flags(0),
+                                                   recurrent, q_rate);
     } else {
       trace_t* next = slot(t);
-      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
-          cur, next, P.at(t - 1), yp + (t - 1) * bo, ep + (t - 1) * bo, P.at(t), wp, ap, partp, d.B, d.n_in,
-          d.n_out, g.chunk, has_clip, c, flags(t - 1), flags(t), recurrent);
+      fused_forward_sweep_kernel<scalar_t, trace_t, OJA, true, STEPS, ADD, ELIG>
+          <<<g.grid, fused::kThreads, 0, stream>>>(cur, next, P.at(t - 1), yp + (t - 1) * bo, up + (t - 1) * bo,
+                                                   P.at(t), wp, ap, partp, d.B, d.n_in, d.n_out, g.chunk, has_clip, c,
+                                                   flags(t - 1), flags(t), recurrent, q_rate);
       cur = next;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fused_activation_forward_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
-        partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act), flags(t));
+    if (mod != nullptr) {
+      fused_activation_forward_kernel<scalar_t, STEPS, true>
+          <<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+              partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act), flags(t), ep + t * bo,
+              mod, rp + t * bo, round_y);
+    } else {
+      fused_activation_forward_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+          partp, g.n_split, dp + t * bo, yp + t * bo, d.B, d.n_out, static_cast<int>(act), flags(t), nullptr, nullptr,
+          nullptr, round_y);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (d.n_in > 0) {  // H_T: the update of the last step
-    fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
-        cur, hp, 0, d.T - 1, 1, P, yp, ep, has_clip, c, sp);
+  if (d.n_in > 0) {  // H_T (and E_T): the update of the last step
+    fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS, ADD, ELIG>
+        <<<update_steps_grid(d), fused::kThreads, 0, stream>>>(cur, hp, 0, d.T - 1, 1, P, yp, up, has_clip, c, sp,
+                                                               q_rate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -706,20 +728,25 @@ void fused_forward_impl(bool recurrent, const at::Tensor& pre, const at::Tensor&
 // when K divides m, else from the segment recomputed on entering it. Without dL/dH_T (has_grad_hT
 // false) the update half of step T-1 is skipped and the first pass writes G without reading it.
 // STEPS: sp is the (T, B) flags; each pass gets the rows of its two steps, the segment recompute all.
-template <typename scalar_t, typename trace_t, bool OJA, bool STEPS>
+// ADD, ELIG, mod: as in the forward (docs/cuda.md, "Neuromodulation"). With ELIG, G holds (dL/dH, dL/dE)
+// and g_q gets dL/dq; with mod, the rates are recomputed from y first and g_mod gets dL/dmod.
+template <typename scalar_t, typename trace_t, bool OJA, bool STEPS, bool ADD, bool ELIG>
 void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT, bool has_grad_hT,
                          const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                          const at::Tensor& y, const at::Tensor& ckpts, Act act, c10::optional<double> clip,
                          const Dims& d, at::Tensor& G, at::Tensor& g_pre, at::Tensor& g_drive, at::Tensor& g_alpha,
-                         at::Tensor& g_e, const uint8_t* sp) {
+                         at::Tensor& g_e, const uint8_t* sp, const scalar_t* mod, const scalar_t* q_rate,
+                         at::Tensor& g_mod, at::Tensor& g_q) {
   using acc_t = fused::acc_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool has_clip = clip.has_value();
   const acc_t c = has_clip ? static_cast<acc_t>(*clip) : acc_t(0);
   const int64_t hs = d.B * d.n_in * d.n_out, bo = d.B * d.n_out, bi = d.B * d.n_in;
+  const int64_t ts = ELIG ? 2 * hs : hs;  // elements of one kept trace (H, or H and E)
   const FusedGrid g = fused_grid(
       d.B, d.n_in, d.n_out,
-      resident_blocks(fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS>, fused::kThreads));
+      resident_blocks(fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS, ADD, ELIG>,
+                      fused::kThreads));
   const int64_t n_warps_j = ceil_div(d.n_out, 32);
   const int64_t n_tiles = ceil_div(d.B, fused::kTile);
   const int64_t slot_numel = d.B * n_warps_j * d.n_in;
@@ -730,7 +757,20 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   at::Tensor dp_slots = at::empty({2, d.B, n_warps_j, d.n_in}, acc_opts);  // dL/dp_t per warp, t even / odd
   at::Tensor dalpha_part = at::zeros({n_tiles, d.n_in, d.n_out}, acc_opts);
   const int64_t seg_max = std::min(d.K, d.T);
-  at::Tensor seg = at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());  // H_{cK+1} .. of a segment
+  // H_{cK+1} .. of a segment (with ELIG: H and E)
+  at::Tensor seg = ELIG ? at::empty({seg_max - 1, 2, d.B, d.n_in, d.n_out}, ckpts.options())
+                        : at::empty({seg_max - 1, d.B, d.n_in, d.n_out}, ckpts.options());
+  // ELIG: dL/dq per (split, tile, j), each slot owned by one thread of every pass
+  at::Tensor dq_part = ELIG ? at::zeros({g.n_split, n_tiles, d.n_out}, acc_opts) : at::Tensor();
+  acc_t* dqp = ELIG ? dq_part.data_ptr<acc_t>() : nullptr;
+  // self-generated modulation: the rates r_t and s_t recomputed from y, and dL/dM_t, dz_t per step
+  at::Tensor rates, s_mod, dM, dz;
+  if (mod != nullptr) {
+    rates = at::empty({d.T, d.B, d.n_out}, grad_y.options());
+    s_mod = at::empty({d.T, d.B}, acc_opts);
+    dM = at::empty({d.T, d.B, d.n_out}, acc_opts);
+    dz = at::empty({d.T, d.B}, acc_opts);
+  }
 
   acc_t* Gp = G.data_ptr<acc_t>();
   scalar_t* gpre = g_pre.data_ptr<scalar_t>();
@@ -750,15 +790,32 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   const fused::PreRows<scalar_t> P{pre.data_ptr<scalar_t>(), yp, recurrent, d.B, d.n_in, d.n_out};
 
   auto H_at = [&](int64_t m) -> const trace_t* {
-    return m % d.K == 0 ? ckp + (m / d.K) * hs : segp + (m % d.K - 1) * hs;
+    return m % d.K == 0 ? ckp + (m / d.K) * ts : segp + (m % d.K - 1) * ts;
   };
   auto slots = [&](int64_t t) -> acc_t* { return slotp + (t % 2) * slot_numel; };
   auto flags = [&](int64_t t) -> const uint8_t* { return STEPS ? sp + t * d.B : nullptr; };  // row of step t
+
+  // the rates of every step, as the forward computed them (fused_mod_rates_kernel)
+  const scalar_t* up = ep;
+  if (mod != nullptr) {
+    fused_mod_rates_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.T * d.B), fused::kRowThreads, 0, stream>>>(
+        yp, ep, mod, rates.data_ptr<scalar_t>(), s_mod.data_ptr<acc_t>(), d.B, d.n_out, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    up = rates.data_ptr<scalar_t>();
+  }
   // The end of step m (act_step) and/or dL/dp written out from the slots of step t_dp.
   auto finish = [&](int64_t m, int64_t t_dp, scalar_t* dp_out, bool carry, bool act_step, bool has_update) {
-    fused_step_finish_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
-        slots(t_dp), n_warps_j, d.n_in, dp_out, carry, act_step, dyp, dep, g.n_split, has_update, gyp + m * bo,
-        yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act), flags(m));
+    if (mod != nullptr) {
+      fused_step_finish_kernel<scalar_t, STEPS, true><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+          slots(t_dp), n_warps_j, d.n_in, dp_out, carry, act_step, dyp, dep, g.n_split, has_update, gyp + m * bo,
+          yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act), flags(m), ep + m * bo,
+          s_mod.data_ptr<acc_t>() + m * d.B, mod, dM.data_ptr<acc_t>() + m * bo, dz.data_ptr<acc_t>() + m * d.B);
+    } else {
+      fused_step_finish_kernel<scalar_t, STEPS><<<static_cast<unsigned>(d.B), fused::kRowThreads, 0, stream>>>(
+          slots(t_dp), n_warps_j, d.n_in, dp_out, carry, act_step, dyp, dep, g.n_split, has_update, gyp + m * bo,
+          yp + m * bo, gdrive + m * bo, ge + m * bo, d.B, d.n_out, static_cast<int>(act), flags(m), nullptr, nullptr,
+          nullptr, nullptr, nullptr);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
@@ -768,8 +825,9 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
   for (int64_t m = d.T - 1; m >= 0; --m) {
     const int64_t s = m - m % d.K;
     if (m % d.K != 0 && (m == d.T - 1 || m % d.K == d.K - 1) && bi > 0) {  // entering segment [s, m]
-      fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS><<<update_steps_grid(d), fused::kThreads, 0, stream>>>(
-          H_at(s), segp, hs, s, m - s, P, yp, ep, has_clip, c, sp);
+      fused_update_steps_kernel<scalar_t, trace_t, OJA, STEPS, ADD, ELIG>
+          <<<update_steps_grid(d), fused::kThreads, 0, stream>>>(H_at(s), segp, ts, s, m - s, P, yp, up, has_clip, c,
+                                                                 sp, q_rate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const bool drive = m + 1 < d.T;
@@ -782,14 +840,17 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
     const scalar_t* p_next = drive ? P.at(m + 1) : nullptr;
     acc_t* dp_next = drive ? slots(m + 1) : nullptr;
     if (drive) {
-      fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
-          H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), p_next, ga_next, wp, ap,
-          dap, dp_next, update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, flags(m),
-          flags(m + 1), recurrent);
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, true, STEPS, ADD, ELIG>
+          <<<g.grid, fused::kThreads, 0, stream>>>(H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, up + m * bo, dep,
+                                                   dyp, slots(m), p_next, ga_next, wp, ap, dap, dp_next,
+                                                   update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip,
+                                                   c, flags(m), flags(m + 1), recurrent, q_rate, dqp);
     } else {
-      fused_backward_pass_kernel<scalar_t, trace_t, OJA, false, true, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
-          H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, ep + m * bo, dep, dyp, slots(m), nullptr, nullptr, wp, ap,
-          dap, nullptr, false, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, flags(m), nullptr, recurrent);
+      fused_backward_pass_kernel<scalar_t, trace_t, OJA, false, true, STEPS, ADD, ELIG>
+          <<<g.grid, fused::kThreads, 0, stream>>>(H_at(m), Gin, Gp, g_zero, P.at(m), yp + m * bo, up + m * bo, dep,
+                                                   dyp, slots(m), nullptr, nullptr, wp, ap, dap, nullptr, false, d.B,
+                                                   d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, flags(m), nullptr,
+                                                   recurrent, q_rate, dqp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     g_zero = false;
@@ -799,9 +860,11 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
     update_ran_next = true;
   }
   // the drive half of step 0, then dL/dp_0: dL/dx_0 (linear) or dL/dy0 (recurrent)
-  fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, false, STEPS><<<g.grid, fused::kThreads, 0, stream>>>(
-      H_at(0), Gin, Gp, g_zero, nullptr, nullptr, nullptr, dep, dyp, nullptr, P.at(0), gdrive, wp, ap, dap, slots(0),
-      update_ran_next, d.B, d.n_in, d.n_out, n_warps_j, g.chunk, has_clip, c, nullptr, flags(0), recurrent);
+  fused_backward_pass_kernel<scalar_t, trace_t, OJA, true, false, STEPS, ADD, ELIG>
+      <<<g.grid, fused::kThreads, 0, stream>>>(H_at(0), Gin, Gp, g_zero, nullptr, nullptr, nullptr, dep, dyp, nullptr,
+                                               P.at(0), gdrive, wp, ap, dap, slots(0), update_ran_next, d.B, d.n_in,
+                                               d.n_out, n_warps_j, g.chunk, has_clip, c, nullptr, flags(0), recurrent,
+                                               nullptr, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finish(0, 0, gpre, false, false, false);
   const int64_t a_numel = d.n_in * d.n_out;
@@ -811,89 +874,129 @@ void fused_backward_impl(bool recurrent, const at::Tensor& grad_y, const at::Ten
             dap, n_tiles, a_numel, g_alpha.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  // The parameters of the options, from the per-step buffers: ATen reductions over fixed shapes (no
+  // atomics), in the accumulation type.
+  if (ELIG) g_q = dq_part.sum();
+  if (mod != nullptr) {
+    const at::Tensor y_acc = y.to(acc_opts.dtype());
+    const std::vector<int64_t> tb{0, 1};
+    const at::Tensor g_mw = (dz.unsqueeze(-1) * y_acc).sum(tb);
+    const at::Tensor g_fw = (dM * s_mod.unsqueeze(-1)).sum(tb);
+    const at::Tensor g_fb = dM.sum(tb);
+    const at::Tensor g_mb = at::cat({dz.sum().reshape({1}), at::zeros({d.n_out - 1}, acc_opts)});
+    g_mod = at::stack({g_mw, g_fw, g_fb, g_mb});
+  }
 }
 
 // Calls f(trace_t{}, steps_tag): trace_t is scalar_t, or c10::BFloat16 for float inputs with a bfloat16
-// trace, which takes the fused kernels only with step flags (fused_handles); steps_tag is
-// std::true_type when there are step flags (sp not null), else std::false_type: the kernels' STEPS
-// policy. Without flags the kernels run as if the argument did not exist.
+// trace, which takes the fused kernels only with step flags or neuromodulation (fused_handles);
+// steps_tag is std::true_type when there are step flags (sp not null), else std::false_type: the
+// kernels' STEPS policy. Without flags the kernels run as if the argument did not exist.
 template <typename scalar_t, typename F>
 void dispatch_fused_trace(at::ScalarType trace, const uint8_t* sp, F&& f) {
-  if (sp == nullptr) {
-    f(scalar_t{}, std::false_type{});
-    return;
-  }
+  auto with_steps = [&](auto trace_tag) {
+    if (sp == nullptr) {
+      f(trace_tag, std::false_type{});
+    } else {
+      f(trace_tag, std::true_type{});
+    }
+  };
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (trace == at::kBFloat16) {
-      f(c10::BFloat16{}, std::true_type{});
+      with_steps(c10::BFloat16{});
       return;
     }
   }
-  f(scalar_t{}, std::true_type{});
+  with_steps(scalar_t{});
 }
 
+// Calls f(oja, add, elig), std::integral_constant<bool> tags: the trace kernels' OJA, ADD and ELIG
+// policies (docs/op_spec.md, "Neuromodulation"; Oja's rule has no eligibility form, check_neuro).
+// Without neuromodulation (rule hebb or oja, no eligibility) ADD and ELIG are false and the kernels
+// are those of a call without the options.
+template <typename F>
+void dispatch_rule(Rule rule, bool eligible, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (rule == Rule::Oja) {
+    f(Y{}, N{}, N{});
+  } else if (rule == Rule::Add) {
+    if (eligible) f(N{}, Y{}, Y{}); else f(N{}, Y{}, N{});
+  } else {
+    if (eligible) f(N{}, N{}, Y{}); else f(N{}, N{}, N{});
+  }
+}
+
+// mod, elig_rate: undefined when None (docs/op_spec.md, "Neuromodulation"); with elig_rate, h0 and
+// H_T are (2, B, N_in, N_out) and the checkpoints (C, 2, B, N_in, N_out).
 ForwardResult fused_forward(bool recurrent, const at::Tensor& pre, const at::Tensor& drive, const at::Tensor& w,
                             const at::Tensor& alpha, const at::Tensor& e, const at::Tensor& h0, Rule rule, Act act,
-                            c10::optional<double> clip, const Dims& d, const uint8_t* sp) {
+                            c10::optional<double> clip, const Dims& d, const uint8_t* sp, const at::Tensor& mod,
+                            const at::Tensor& elig_rate, int round_y = fused::kRoundNone) {
+  const bool eligible = elig_rate.defined();
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
-  at::Tensor ckpts = at::empty({d.C, d.B, d.n_in, d.n_out}, h0.options());
+  std::vector<int64_t> ckpt_sizes{d.C};
+  ckpt_sizes.insert(ckpt_sizes.end(), h0.sizes().begin(), h0.sizes().end());
+  at::Tensor ckpts = at::empty(ckpt_sizes, h0.options());
   if (d.B == 0 || d.n_out == 0) {  // nothing to compute: y and the traces are empty
     hT.copy_(h0);
     return std::make_tuple(y, hT, ckpts);
   }
   AT_DISPATCH_FLOATING_TYPES(drive.scalar_type(), "plastic_forward_cuda_fused", [&] {
+    const scalar_t* modp = mod.defined() ? mod.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* qp = eligible ? elig_rate.data_ptr<scalar_t>() : nullptr;
     dispatch_fused_trace<scalar_t>(h0.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
-      using trace_t = decltype(trace_tag);
-      constexpr bool S = decltype(steps_tag)::value;
-      if (rule == Rule::Oja) {
-        fused_forward_impl<scalar_t, trace_t, true, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
-                                                       ckpts, sp);
-      } else {
-        fused_forward_impl<scalar_t, trace_t, false, S>(recurrent, pre, drive, w, alpha, e, h0, act, clip, d, y, hT,
-                                                        ckpts, sp);
-      }
+      dispatch_rule(rule, eligible, [&](auto oja, auto add, auto elig) {
+        fused_forward_impl<scalar_t, decltype(trace_tag), decltype(oja)::value, decltype(steps_tag)::value,
+                           decltype(add)::value, decltype(elig)::value>(recurrent, pre, drive, w, alpha, e, h0, act,
+                                                                        clip, d, y, hT, ckpts, sp, modp, qp,
+                                                                        round_y);
+      });
     });
   });
   return std::make_tuple(y, hT, ckpts);
 }
 
-// The gradients of (pre, drive, w, alpha, e, h0); backward_cuda adds those of mod and elig_rate.
-using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Grads6 fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
+// The gradients of (pre, drive, w, alpha, e, h0, mod, elig_rate); the last two are empty (0,) tensors
+// when mod and elig_rate are None (undefined here).
+BackwardResult fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                               const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& e,
                               const at::Tensor& y, const at::Tensor& ckpts, Rule rule, Act act,
                               c10::optional<double> clip, const Dims& d, const c10::optional<at::Tensor>& steps,
-                              const uint8_t* sp) {
+                              const uint8_t* sp, const at::Tensor& mod, const at::Tensor& elig_rate) {
   const auto opts = grad_y.options();
+  const bool eligible = elig_rate.defined();
+  // dL/dh0 has the shape of one checkpoint: (B, N_in, N_out), or (2, B, N_in, N_out) with eligibility
+  const at::IntArrayRef trace_sizes = ckpts.sizes().slice(1);
+  // two distinct empty tensors when None: outputs of an op must not alias
+  at::Tensor g_mod = mod.defined() ? at::zeros(mod.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor g_q = eligible ? at::zeros(std::vector<int64_t>{}, opts) : at::empty({0}, opts);
   if (d.B == 0 || d.n_out == 0) {
     return std::make_tuple(at::zeros_like(pre), at::zeros({d.T, d.B, d.n_out}, opts), at::zeros_like(w),
                            at::zeros({d.n_in, d.n_out}, opts), at::zeros({d.T, d.B, d.n_out}, opts),
-                           at::zeros({d.B, d.n_in, d.n_out}, ckpts.options()));
+                           at::zeros(trace_sizes, ckpts.options()), g_mod, g_q);
   }
   const bool has_grad_hT = !is_zero_grad_marker(grad_hT);  // else no trace of zeros is built or read
-  // G = dL/dH in the accumulation type (a bfloat16 trace's dL/dH_T is read as float once, and dL/dH_0
-  // rounded to bfloat16 at the end); every element of these is written by the kernels
+  // G = dL/dH (and dL/dE) in the accumulation type (a bfloat16 trace's dL/dH_T is read as float once, and
+  // dL/dH_0 rounded to bfloat16 at the end); every element of these is written by the kernels
   const auto acc = at::toOpMathType(grad_y.scalar_type());
   const at::Tensor grad_hT_acc = has_grad_hT && grad_hT.scalar_type() != acc ? grad_hT.to(acc) : grad_hT;
-  at::Tensor G = at::empty({d.B, d.n_in, d.n_out}, ckpts.options().dtype(acc));
+  at::Tensor G = at::empty(trace_sizes, ckpts.options().dtype(acc));
   at::Tensor g_pre = at::empty_like(pre);
   at::Tensor g_drive = at::empty({d.T, d.B, d.n_out}, opts);
   at::Tensor g_alpha = at::empty({d.n_in, d.n_out}, opts);
   at::Tensor g_e = at::empty({d.T, d.B, d.n_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "plastic_backward_cuda_fused", [&] {
+    const scalar_t* modp = mod.defined() ? mod.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* qp = eligible ? elig_rate.data_ptr<scalar_t>() : nullptr;
     dispatch_fused_trace<scalar_t>(ckpts.scalar_type(), sp, [&](auto trace_tag, auto steps_tag) {
-      using trace_t = decltype(trace_tag);
-      constexpr bool S = decltype(steps_tag)::value;
-      if (rule == Rule::Oja) {
-        fused_backward_impl<scalar_t, trace_t, true, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
-                                                        e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e, sp);
-      } else {
-        fused_backward_impl<scalar_t, trace_t, false, S>(recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha,
-                                                         e, y, ckpts, act, clip, d, G, g_pre, g_drive, g_alpha, g_e,
-                                                         sp);
-      }
+      dispatch_rule(rule, eligible, [&](auto oja, auto add, auto elig) {
+        fused_backward_impl<scalar_t, decltype(trace_tag), decltype(oja)::value, decltype(steps_tag)::value,
+                            decltype(add)::value, decltype(elig)::value>(
+            recurrent, grad_y, grad_hT_acc, has_grad_hT, pre, w, alpha, e, y, ckpts, act, clip, d, G, g_pre, g_drive,
+            g_alpha, g_e, sp, modp, qp, g_mod, g_q);
+      });
     });
   });
   // dL/dw = sum_t p_t^T ga_t: one GEMM over all steps. With flags, the rows of P that the forward did
@@ -905,19 +1008,20 @@ Grads6 fused_backward(bool recurrent, const at::Tensor& grad_y, const at::Tensor
     P = P.masked_fill(at::bitwise_and(*steps, unread).ne(0).unsqueeze(-1), 0);
   }
   at::Tensor g_w = at::mm(P.reshape({d.T * d.B, d.n_in}).t(), g_drive.view({d.T * d.B, d.n_out}));
-  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G.to(ckpts.scalar_type()));  // a no-op but for bfloat16
+  return std::make_tuple(g_pre, g_drive, g_w, g_alpha, g_e, G.to(ckpts.scalar_type()),  // a no-op but for bfloat16
+                         g_mod.to(grad_y.scalar_type()), g_q.to(grad_y.scalar_type()));
 }
 
 // ------------------------------------------------------------------------------------------
 // Op entry points.
 
-// The fused kernels take float32 or float64 with a trace of the same dtype, and, with step flags,
-// float32 inputs with a bfloat16 trace; with step flags, 16-bit inputs run on them from float32 copies
-// (is_16bit below). Without flags, 16-bit inputs and a bfloat16 trace run on the previous kernels until
-// the fused ones are instantiated for them.
-bool fused_handles(at::ScalarType io, at::ScalarType trace, bool with_steps) {
+// The fused kernels take float32 or float64 with a trace of the same dtype, and, with step flags or
+// neuromodulation (with_options), float32 inputs with a bfloat16 trace; with these options, 16-bit
+// inputs run on them from float32 copies (is_16bit below). Without them, 16-bit inputs and a bfloat16
+// trace run on the previous kernels until the fused ones are instantiated for them.
+bool fused_handles(at::ScalarType io, at::ScalarType trace, bool with_options) {
   if (io == trace && (io == at::kFloat || io == at::kDouble)) return true;
-  return with_steps && io == at::kFloat && trace == at::kBFloat16;
+  return with_options && io == at::kFloat && trace == at::kBFloat16;
 }
 
 bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
@@ -925,8 +1029,33 @@ bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 // 16-bit inputs with step flags: the fused kernels on float32 copies. Unlike the other paths, y_t stays
 // in float32 through the recurrence and is rounded once, when returned; the backward reads that rounded
 // y, so its gradients are those of the other paths to about a unit of the 16-bit dtype (docs/cuda.md,
-// "Step flags"). The gradients come back in each input's dtype.
+// "Step flags"). With neuromodulation the kernels round each y_t as they store it, as the other paths
+// do (the rates of self-generated modulation, recomputed from y in the backward, must be the
+// forward's). The gradients come back in each input's dtype.
 at::Tensor as_float(const at::Tensor& t) { return is_16bit(t.scalar_type()) ? t.to(at::kFloat) : t; }
+
+// as_float for an optional argument: an undefined tensor (None) stays undefined.
+at::Tensor as_float_opt(const at::Tensor& t) { return t.defined() ? as_float(t) : t; }
+
+// Neuromodulation (docs/op_spec.md, "Neuromodulation"): the rule "add", self-generated modulation
+// (mod) and eligibility traces (elig_rate). Only the fused kernels implement them, as compile-time
+// policies; the previous kernels (v1) refuse them, as they refuse the step flags. Returns whether any
+// of them is asked for.
+bool neuro_for_fused(Rule rule, const Neuro& n, at::ScalarType io, at::ScalarType trace) {
+  if (!n.mod && !n.eligible && rule != Rule::Add) return false;
+  std::string what;  // the options asked for
+  auto name = [&](const char* s) { what += (what.empty() ? "" : ", ") + std::string(s); };
+  if (rule == Rule::Add) name("rule 'add'");
+  if (n.mod) name("mod: self-generated modulation");
+  if (n.eligible) name("elig_rate: eligibility traces");
+  TORCH_CHECK(use_fused_kernels(), "plastic_ops: neuromodulation (", what, ") needs the fused CUDA kernels (v2); "
+              "unset PLASTIC_OPS_CUDA_KERNELS=v1");
+  TORCH_CHECK(fused_handles(is_16bit(io) ? at::kFloat : io, trace, true),
+              "plastic_ops: neuromodulation (", what, ") on CUDA needs the fused kernels, which take float32 or "
+              "float64 inputs (and a trace of their dtype, or bfloat16 for float32); got ", io, " inputs with a ",
+              trace, " trace");
+  return true;
+}
 
 // The per-row step flags (docs/op_spec.md, "Episode resets and lengths"): None, or a contiguous (T, B)
 // uint8 tensor on the op's device. Returns its data, or null without flags. Only the fused kernels
@@ -957,19 +1086,24 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   const Act act = parse_activation(to_string(act_s));
   const Neuro neuro = check_neuro(mod, elig_rate, rule, w.dim() == 2 ? w.size(1) : 0, drive, &h0);
   const Dims d = check_canonical(pre, drive, w, alpha, e, trace_plane(h0, neuro.eligible), clip, K, recurrent);
-  TORCH_CHECK(!neuro.mod && !neuro.eligible && rule != Rule::Add,
-              "plastic_ops: neuromodulation is not implemented by the CUDA kernels yet");
   check_cuda(drive);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(drive.device());
+  const bool neuromod = neuro_for_fused(rule, neuro, drive.scalar_type(), h0.scalar_type());
+  const at::Tensor mod_t = neuro.mod ? *mod : at::Tensor(), q_t = neuro.eligible ? *elig_rate : at::Tensor();
   const uint8_t* sp = steps_for_fused(steps, d, drive, drive.scalar_type(), h0.scalar_type());
-  if (sp != nullptr && is_16bit(drive.scalar_type())) {
+  if ((sp != nullptr || neuromod) && is_16bit(drive.scalar_type())) {
+    // with neuromodulation each y_t is rounded to the inputs' dtype in the kernels (round_stored); with
+    // step flags alone it is rounded once, at the end
+    const int round_y = !neuromod ? fused::kRoundNone
+                        : drive.scalar_type() == at::kBFloat16 ? fused::kRoundBFloat16 : fused::kRoundHalf;
     auto out = fused_forward(recurrent, as_float(pre), as_float(drive), as_float(w), as_float(alpha), as_float(e), h0,
-                             rule, act, clip, d, sp);
+                             rule, act, clip, d, sp, as_float_opt(mod_t), as_float_opt(q_t), round_y);
     return std::make_tuple(std::get<0>(out).to(drive.scalar_type()), std::get<1>(out), std::get<2>(out));
   }
-  if (sp != nullptr || (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type(), false))) {
-    return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, sp);
+  if (sp != nullptr || neuromod ||
+      (use_fused_kernels() && fused_handles(drive.scalar_type(), h0.scalar_type(), false))) {
+    return fused_forward(recurrent, pre, drive, w, alpha, e, h0, rule, act, clip, d, sp, mod_t, q_t);
   }
   at::Tensor y = at::empty({d.T, d.B, d.n_out}, drive.options());
   at::Tensor hT = at::empty_like(h0);
@@ -992,6 +1126,10 @@ ForwardResult forward_cuda(bool recurrent, const at::Tensor& pre, const at::Tens
   return std::make_tuple(y, hT, ckpts);
 }
 
+// The gradients of (pre, drive, w, alpha, e, h0) of the previous kernels; backward_cuda adds those of
+// mod and elig_rate (empty: they refuse neuromodulation).
+using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at::Tensor& grad_hT,
                              const at::Tensor& pre, const at::Tensor& w, const at::Tensor& alpha,
                              const at::Tensor& e, const at::Tensor& y, const at::Tensor& ckpts,
@@ -1002,8 +1140,6 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
   const Act act = parse_activation(to_string(act_s));
   const Neuro neuro = check_neuro(mod, elig_rate, rule, w.dim() == 2 ? w.size(1) : 0, grad_y, nullptr);
   const Dims d = check_backward(grad_y, grad_hT, pre, w, alpha, e, y, ckpts, clip, K, recurrent, neuro.eligible);
-  TORCH_CHECK(!neuro.mod && !neuro.eligible && rule != Rule::Add,
-              "plastic_ops: neuromodulation is not implemented by the CUDA kernels yet");
   check_cuda(grad_y);
   TORCH_CHECK(d.B <= kMaxGridYZ, "plastic_ops: the CUDA kernels support B <= ", kMaxGridYZ, ", got ", d.B);
   const c10::cuda::CUDAGuard guard(grad_y.device());
@@ -1014,17 +1150,23 @@ BackwardResult backward_cuda(bool recurrent, const at::Tensor& grad_y, const at:
     return std::tuple_cat(std::move(g), std::make_tuple(at::empty({0}, grad_y.options()),
                                                         at::empty({0}, grad_y.options())));
   };
+  const bool neuromod = neuro_for_fused(rule, neuro, grad_y.scalar_type(), ckpts.scalar_type());
+  const at::Tensor mod_t = neuro.mod ? *mod : at::Tensor(), q_t = neuro.eligible ? *elig_rate : at::Tensor();
   const uint8_t* sp = steps_for_fused(steps, d, grad_y, grad_y.scalar_type(), ckpts.scalar_type());
-  if (sp != nullptr && is_16bit(grad_y.scalar_type())) {
+  if ((sp != nullptr || neuromod) && is_16bit(grad_y.scalar_type())) {
     auto g = fused_backward(recurrent, as_float(grad_y), grad_hT, as_float(pre), as_float(w), as_float(alpha),
-                            as_float(e), as_float(y), ckpts, rule, act, clip, d, steps, sp);
-    return with_none(std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(grad_y.scalar_type()),
-                                     std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
-                                     std::get<4>(g).to(e.scalar_type()), std::get<5>(g)));
+                            as_float(e), as_float(y), ckpts, rule, act, clip, d, steps, sp, as_float_opt(mod_t),
+                            as_float_opt(q_t));
+    const auto io = grad_y.scalar_type();  // the dtype of mod and elig_rate too
+    return std::make_tuple(std::get<0>(g).to(pre.scalar_type()), std::get<1>(g).to(io),
+                           std::get<2>(g).to(w.scalar_type()), std::get<3>(g).to(alpha.scalar_type()),
+                           std::get<4>(g).to(e.scalar_type()), std::get<5>(g), std::get<6>(g).to(io),
+                           std::get<7>(g).to(io));
   }
-  if (sp != nullptr || (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
-    return with_none(fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps,
-                                    sp));
+  if (sp != nullptr || neuromod ||
+      (use_fused_kernels() && fused_handles(grad_y.scalar_type(), ckpts.scalar_type(), false))) {
+    return fused_backward(recurrent, grad_y, grad_hT, pre, w, alpha, e, y, ckpts, rule, act, clip, d, steps, sp, mod_t,
+                          q_t);
   }
   // Every gradient, dL/dH too, is accumulated in the inputs' accumulation type and returned in its
   // input's dtype (a no-op for float32 and float64 inputs with a trace of their dtype).
